@@ -1,0 +1,1 @@
+"""samba_pipeline.reports"""

@@ -1,0 +1,1 @@
+"""Nipype workflow builders (wiring only, no numerics); installed as ``samba_pipeline.workflows``."""
