@@ -44,6 +44,12 @@ class SambaValidationError(SambaError):
     exit_code = EXIT_VALIDATION
 
 
+class SambaBadLevelError(SambaError):
+    """The analysis level is not one samba-bids knows."""
+
+    exit_code = EXIT_BAD_LEVEL
+
+
 class SambaNoMatchError(SambaError):
     """The entity filters selected no data."""
 

@@ -1,0 +1,286 @@
+"""Layout queries: which (EEG/MEG run, fMRI run) pairs exist per subject, session and task.
+
+fMRIPrep's own index skips ``eeg/`` and ``meg/``; samba-bids indexes ``eeg``, ``meg`` and
+``func`` of the raw dataset itself (pybids), plus the fMRIPrep derivatives, and pairs runs that
+share session, task and run. What was found and what was skipped is reported, not guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from samba_pipeline.config import Settings
+from samba_pipeline.errors import (
+    SambaInputError,
+    SambaMissingInputError,
+    SambaNoMatchError,
+    SambaValidationError,
+)
+
+LOGGER = logging.getLogger("samba_pipeline.bids")
+
+EPHYS_EXTENSIONS = [".vhdr", ".edf", ".bdf", ".set", ".fif", ".con", ".sqd"]
+PAIR_ENTITIES = ("session", "task", "run")
+
+
+@dataclass
+class RunPair:
+    """One simultaneous (or paired) EEG/MEG recording and fMRI run of a subject."""
+
+    subject: str
+    session: str | None
+    task: str
+    run: str | None
+    ephys_file: str | None
+    ephys_datatype: str | None
+    bold_file: str | None
+    bold_json: str | None = None
+    mask_file: str | None = None
+    confounds_file: str | None = None
+    bold_source: str = "fmriprep"  # "fmriprep" or "raw"
+    acquisition: str | None = None
+
+    @property
+    def entities(self) -> dict[str, str]:
+        ents = {"subject": self.subject, "session": self.session, "task": self.task, "run": self.run}
+        return {k: v for k, v in ents.items() if v is not None}
+
+    @property
+    def name(self) -> str:
+        parts = [f"sub-{self.subject}"]
+        if self.session:
+            parts.append(f"ses-{self.session}")
+        parts.append(f"task-{self.task}")
+        if self.run:
+            parts.append(f"run-{self.run}")
+        return "_".join(parts)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PairingReport:
+    pairs: list[RunPair] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    layout: object = None
+
+    def summary(self) -> str:
+        lines = [f"{len(self.pairs)} EEG/MEG-fMRI pair(s) to process:"]
+        lines += [f"  {p.name}: {Path(p.ephys_file).name} + {Path(p.bold_file).name} ({p.bold_source})"
+                  for p in self.pairs]
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} item(s) skipped:")
+            lines += [f"  {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def _ignore_patterns(settings: Settings) -> list:
+    ignore = ["code", "stimuli", "sourcedata", "models", "derivatives",
+              re.compile(r"^.*/\."),
+              re.compile(r"sub-[a-zA-Z0-9]+(/ses-[a-zA-Z0-9]+)?/(anat|beh|dwi|fmap|perf|pet|ieeg|nirs|motion|micr)")]
+    labels = settings.execution.participant_label
+    if labels:
+        keep = "|".join(re.escape(label) for label in labels)
+        ignore.append(re.compile(rf"sub-(?!({keep})(\b|_))[a-zA-Z0-9]+"))
+    return ignore
+
+
+def build_layout(settings: Settings):
+    """A pybids layout of the raw dataset (eeg/meg/func only) with the fMRIPrep derivatives."""
+    from bids import BIDSLayout, BIDSLayoutIndexer
+
+    bids_dir = settings.bids_dir
+    try:
+        json.loads((bids_dir / "dataset_description.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SambaValidationError(
+            f"dataset_description.json is not valid JSON ({exc})", path=bids_dir / "dataset_description.json"
+        ) from None
+    indexer = BIDSLayoutIndexer(validate=False, ignore=_ignore_patterns(settings))
+    kwargs = {}
+    if settings.execution.bids_database_dir:
+        kwargs["database_path"] = settings.execution.bids_database_dir
+    try:
+        layout = BIDSLayout(str(bids_dir), indexer=indexer, validate=False, **kwargs)
+    except Exception as exc:
+        raise SambaValidationError(f"pybids cannot index the dataset: {exc}", path=bids_dir) from None
+    fmriprep = settings.fmriprep_dir()
+    if fmriprep is not None:
+        desc = fmriprep / "dataset_description.json"
+        if not desc.is_file():
+            raise SambaMissingInputError(
+                "fMRIPrep derivatives lack dataset_description.json (is this an fMRIPrep output folder?)",
+                path=fmriprep,
+            )
+        try:
+            layout.add_derivatives(str(fmriprep), parent_database_path=None, validate=False,
+                                   indexer=BIDSLayoutIndexer(validate=False, ignore=_ignore_patterns(settings)))
+        except Exception as exc:
+            raise SambaInputError(f"pybids cannot index the fMRIPrep derivatives: {exc}", path=fmriprep) from None
+    return layout
+
+
+def _filters(settings: Settings, query: str) -> dict:
+    flt = dict(settings.execution.bids_filters.get(query, {}))
+    for key, value in list(flt.items()):
+        if value is None:
+            from bids.layout import Query
+
+            flt[key] = Query.NONE
+        elif value == "*":
+            from bids.layout import Query
+
+            flt[key] = Query.ANY
+    return flt
+
+
+def collect_pairs(settings: Settings, layout=None) -> PairingReport:
+    """Find the EEG/MEG and fMRI runs to process, honouring every filter in ``settings``."""
+    ex = settings.execution
+    on_disk = sorted(p.name[4:] for p in settings.bids_dir.glob("sub-*") if p.is_dir())
+    if not on_disk:
+        raise SambaValidationError("no sub-* folders found: not a BIDS dataset?", path=settings.bids_dir)
+    if ex.participant_label:
+        missing = sorted(set(ex.participant_label) - set(on_disk))
+        if missing:
+            raise SambaNoMatchError(
+                f"participant label(s) {', '.join(missing)} not found in {settings.bids_dir} "
+                f"(found: {', '.join(on_disk[:10])}{' ...' if len(on_disk) > 10 else ''}); "
+                "in a container, check the bind mount of the input folder"
+            )
+    layout = layout or build_layout(settings)
+    subjects = sorted(layout.get_subjects(scope="raw"))
+    if ex.participant_label:
+        missing = sorted(set(ex.participant_label) - set(subjects))
+        if missing:
+            raise SambaNoMatchError(
+                f"participant label(s) {', '.join(missing)} not found in {settings.bids_dir} "
+                f"(found: {', '.join(subjects[:10])}{' ...' if len(subjects) > 10 else ''}); "
+                "in a container, check the bind mount of the input folder"
+            )
+        subjects = [s for s in subjects if s in ex.participant_label]
+
+    report = PairingReport(layout=layout)
+    base = {}
+    if ex.session_label:
+        base["session"] = ex.session_label
+    if ex.task_id:
+        base["task"] = ex.task_id
+
+    fmriprep = settings.fmriprep_dir()
+    any_ephys = False
+    for subject in subjects:
+        ephys_files = layout.get(scope="raw", subject=subject, datatype=["eeg", "meg"],
+                                 suffix=["eeg", "meg"], extension=EPHYS_EXTENSIONS,
+                                 **base, **_filters(settings, "ephys"))
+        any_ephys |= bool(ephys_files)
+        bolds = []
+        if fmriprep is not None:
+            bolds = layout.get(scope="derivatives", subject=subject, datatype="func", suffix="bold",
+                               desc="preproc", space=settings.workflow.fmri_space,
+                               extension=[".nii.gz", ".nii"], **base, **_filters(settings, "bold"))
+        source = "fmriprep"
+        if not bolds and settings.workflow.use_raw_bold:
+            bolds = layout.get(scope="raw", subject=subject, datatype="func", suffix="bold",
+                               extension=[".nii.gz", ".nii"], **base, **_filters(settings, "bold"))
+            source = "raw"
+        if not ephys_files:
+            report.skipped.append(f"sub-{subject}: no EEG/MEG recording matches the filters")
+            continue
+        if not bolds:
+            where = f"in {fmriprep}" if fmriprep else "(no fMRIPrep derivatives given)"
+            report.skipped.append(
+                f"sub-{subject}: no preprocessed BOLD in space {settings.workflow.fmri_space} {where}"
+            )
+            continue
+        report.pairs.extend(_pair_subject(subject, ephys_files, bolds, source, layout, report))
+
+    if not report.pairs:
+        if not any_ephys:
+            raise SambaMissingInputError(
+                "no EEG/MEG recordings found for the selected subjects/sessions/tasks", path=settings.bids_dir
+            )
+        if fmriprep is None and not settings.workflow.use_raw_bold:
+            raise SambaMissingInputError(
+                "no fMRIPrep derivatives found (looked for BIDS_DIR/derivatives/fmriprep); pass "
+                "--fmriprep-dir PATH, or --use-raw-bold if the raw BOLD is already in "
+                f"{settings.workflow.fmri_space} space",
+                path=settings.bids_dir,
+            )
+        raise SambaNoMatchError("the filters matched no EEG/MEG-fMRI pair:\n" + "\n".join(report.skipped))
+    return report
+
+
+def _key(entities: dict) -> tuple:
+    return tuple(str(entities.get(k)) if entities.get(k) is not None else None for k in PAIR_ENTITIES)
+
+
+def _pair_subject(subject, ephys_files, bolds, source, layout, report) -> list[RunPair]:
+    bold_by_key = {}
+    for bold in bolds:
+        key = _key(bold.get_entities())
+        if key in bold_by_key:
+            raise SambaInputError(
+                f"several BOLD series match {dict(zip(PAIR_ENTITIES, key))} (e.g. other resolutions or "
+                f"duplicate runs: {Path(bold_by_key[key].path).name}, {Path(bold.path).name}); select "
+                "one with --bids-filter-file, e.g. {\"bold\": {\"res\": \"2\"}}",
+                path=bold.path,
+            )
+        bold_by_key[key] = bold
+    pairs = []
+    used = set()
+    for eph in ephys_files:
+        ents = eph.get_entities()
+        key = _key(ents)
+        bold = bold_by_key.get(key)
+        if bold is None:
+            # One run per (session, task) on each side: pair them even if run labels differ.
+            same = [k for k in bold_by_key if k[:2] == key[:2]]
+            same_e = [e for e in ephys_files if _key(e.get_entities())[:2] == key[:2]]
+            if len(same) == 1 and len(same_e) == 1:
+                bold = bold_by_key[same[0]]
+        if bold is None:
+            report.skipped.append(f"{Path(eph.path).name}: no fMRI run with the same session/task/run")
+            continue
+        used.add(bold.path)
+        pairs.append(_make_pair(subject, eph, bold, source, layout))
+    for bold in bolds:
+        if bold.path not in used:
+            report.skipped.append(f"{Path(bold.path).name}: no EEG/MEG recording with the same session/task/run")
+    return pairs
+
+
+def _make_pair(subject, eph, bold, source, layout) -> RunPair:
+    ents = eph.get_entities()
+    bents = bold.get_entities()
+    mask = confounds = None
+    if source == "fmriprep":
+        common = {k: bents[k] for k in ("subject", "session", "task", "run", "acquisition", "echo")
+                  if k in bents}
+        masks = layout.get(scope="derivatives", suffix="mask", desc="brain", space=bents.get("space"),
+                           extension=[".nii.gz", ".nii"], **common,
+                           **({"res": bents["res"]} if "res" in bents else {}))
+        mask = masks[0].path if masks else None
+        conf = layout.get(scope="derivatives", desc="confounds", suffix="timeseries", extension=".tsv",
+                          **common)
+        confounds = conf[0].path if conf else None
+    bold_json = re.sub(r"\.nii(\.gz)?$", ".json", bold.path)
+    return RunPair(
+        subject=subject,
+        session=ents.get("session"),
+        task=ents.get("task"),
+        run=str(ents["run"]) if ents.get("run") is not None else None,
+        acquisition=ents.get("acquisition"),
+        ephys_file=eph.path,
+        ephys_datatype=ents.get("datatype"),
+        bold_file=bold.path,
+        bold_json=bold_json if Path(bold_json).is_file() else None,
+        mask_file=mask,
+        confounds_file=confounds,
+        bold_source=source,
+    )

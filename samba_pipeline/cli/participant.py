@@ -1,0 +1,250 @@
+"""The participant level: validate, pair runs, check inputs, build and run the workflow."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import nibabel as nb
+import tomli_w
+
+from samba_pipeline.atlas import Atlas, resolve_atlas
+from samba_pipeline.bids.derivatives import (
+    copy_file,
+    dataset_description,
+    derivative_path,
+    initialise_output_dir,
+    write_json,
+    write_text,
+    write_tsv,
+)
+from samba_pipeline.bids.layout import RunPair, collect_pairs
+from samba_pipeline.bids.validate import run_validator
+from samba_pipeline.config import Settings
+from samba_pipeline.errors import (
+    SambaError,
+    SambaInputError,
+    SambaMissingInputError,
+    SambaValidationError,
+)
+
+LOGGER = logging.getLogger("samba_pipeline.cli")
+IMPORTANT = 25
+
+
+def validate_input(settings: Settings) -> None:
+    if settings.execution.skip_bids_validation:
+        LOGGER.log(IMPORTANT, "BIDS validation skipped (--skip-bids-validation)")
+        return
+    LOGGER.log(IMPORTANT, "Validating %s with the BIDS validator", settings.bids_dir)
+    result = run_validator(settings.bids_dir)
+    if not result.ran:
+        LOGGER.warning("BIDS validation not done: %s", result.reason)
+        return
+    if not result.ok:
+        raise SambaValidationError(
+            f"the BIDS validator found {len(result.errors)} error(s): {result.summary()} "
+            "(fix them, or pass --skip-bids-validation)", path=settings.bids_dir)
+    LOGGER.info("BIDS validation passed (%d warnings)", len(result.warnings))
+
+
+def inspect_pair(pair: RunPair, layout=None) -> dict:
+    """Facts the workflow needs from each pair (TR, volumes, sizes), with early input checks."""
+    bold = Path(pair.bold_file)
+    try:
+        img = nb.load(str(bold))
+        shape = img.shape
+    except Exception as exc:
+        raise SambaInputError(f"cannot read the BOLD series: {exc}", path=bold) from None
+    if len(shape) != 4 or shape[-1] < 2:
+        raise SambaInputError(f"BOLD series must be 4-D with several volumes, shape is {shape}", path=bold)
+    tr = _repetition_time(pair, layout)
+    n_volumes = int(shape[-1])
+    if pair.confounds_file:
+        n_rows = _count_rows(Path(pair.confounds_file))
+        if n_rows != n_volumes:
+            raise SambaInputError(
+                f"confounds file has {n_rows} rows but the BOLD series {bold.name} has {n_volumes} volumes",
+                path=pair.confounds_file)
+    n_vox = int(shape[0] * shape[1] * shape[2])
+    ephys_size = Path(pair.ephys_file).stat().st_size
+    for sibling in Path(pair.ephys_file).parent.glob(Path(pair.ephys_file).stem + ".*"):
+        if sibling.suffix in (".eeg", ".dat", ".fdt"):
+            ephys_size += sibling.stat().st_size
+    from samba_pipeline.ephys.preprocess import estimate_ephys_mem_gb
+
+    # BrainVision/EDF store 2-4 bytes per sample; MNE works in float64 (8 bytes).
+    n_values = ephys_size / 2
+    return {
+        "tr": tr,
+        "n_volumes": n_volumes,
+        "bold_mem_gb": round(0.3 + n_vox * n_volumes * 4 * 4 / 1e9, 2),
+        "ephys_mem_gb": round(estimate_ephys_mem_gb(1, int(n_values)), 2),
+    }
+
+
+def _repetition_time(pair: RunPair, layout=None) -> float:
+    candidates = [pair.bold_json] if pair.bold_json else []
+    for path in candidates:
+        try:
+            meta = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SambaInputError(f"cannot read the BOLD sidecar: {exc}", path=path) from None
+        if "RepetitionTime" in meta:
+            return _check_tr(meta["RepetitionTime"], path)
+    if layout is not None:
+        meta = layout.get_file(pair.bold_file).get_metadata() if layout.get_file(pair.bold_file) else {}
+        if "RepetitionTime" in meta:
+            return _check_tr(meta["RepetitionTime"], pair.bold_file)
+    raise SambaInputError("BOLD series has no RepetitionTime in its JSON sidecar",
+                          path=pair.bold_json or pair.bold_file)
+
+
+def _check_tr(value, path) -> float:
+    try:
+        tr = float(value)
+    except (TypeError, ValueError):
+        raise SambaInputError(f"RepetitionTime {value!r} is not a number", path=path) from None
+    if not tr > 0:
+        raise SambaInputError(f"RepetitionTime must be positive, not {value!r}", path=path)
+    return tr
+
+
+def _count_rows(path: Path) -> int:
+    try:
+        with open(path, "rb") as fobj:
+            lines = [line for line in fobj.read().splitlines() if line.strip()]
+    except OSError as exc:
+        raise SambaMissingInputError(f"cannot read: {exc.strerror}", path=path) from None
+    return max(len(lines) - 1, 0)
+
+
+def write_atlases(settings: Settings, atlases: dict[str, Atlas]) -> None:
+    from samba_pipeline.graphs import region_map
+    from samba_pipeline.workflows.participant import atlas_output_entities
+
+    out = settings.output_dir
+    root = out / "sourcedata" / "atlases"
+    if not (root / "dataset_description.json").is_file():
+        write_json(root / "dataset_description.json", {
+            "Name": "Atlases used by samba-bids", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "samba-bids"}]})
+    for modality, atlas in atlases.items():
+        ents = atlas_output_entities(atlas)
+        image = derivative_path(out, **ents, extension=".nii.gz")
+        if not image.is_file() or image.stat().st_size != atlas.image.stat().st_size:
+            copy_file(atlas.image, image)
+        table = derivative_path(out, **ents, extension=".tsv")
+        copy_file(atlas.table, table)
+        write_json(root / f"atlas-{atlas.entities['atlas']}_description.json", {
+            "AtlasName": atlas.entities["atlas"], "License": "see the atlas authors",
+            "Description": f"{atlas.spec.label()} used for the {modality} parcels"})
+    fine, coarse = atlases["fmri"], atlases["ephys"]
+    rmap = region_map(coarse.labels, fine.labels, coarse_img=str(coarse.image), fine_img=str(fine.image))
+    fents = {k: v for k, v in atlas_output_entities(fine).items() if k in ("atlas", "segmentation", "scale")}
+    table = rmap.astype(int)
+    table.insert(0, "Node", list(rmap.index))
+    write_tsv(derivative_path(out, **fents, stat="regionmap", suffix="relmat", extension=".tsv"), table)
+    write_json(derivative_path(out, **fents, stat="regionmap", suffix="relmat", extension=".json"), {
+        "RelationshipMeasure": "region map: 1 where the EEG/MEG (coarse) parcel in the column feeds "
+                               "the fMRI (fine) parcel in the row (same hemisphere and network)",
+        "Weighted": False, "Directed": True, "StorageFormat": "Full",
+        "RowAtlas": fine.spec.label(), "ColumnAtlas": coarse.spec.label()})
+
+
+def run_participant(settings: Settings) -> None:
+    from samba_pipeline.workflows.participant import init_samba_participant_wf
+
+    validate_input(settings)
+    report = collect_pairs(settings)
+    layout = report.layout
+    LOGGER.log(IMPORTANT, "%s", report.summary())
+    atlases = {"ephys": resolve_atlas(settings.workflow.ephys_atlas),
+               "fmri": resolve_atlas(settings.workflow.fmri_atlas)}
+    LOGGER.log(IMPORTANT, "Atlases: EEG/MEG %s; fMRI %s", atlases["ephys"].spec.label(),
+               atlases["fmri"].spec.label())
+    facts = {pair.name: inspect_pair(pair, layout) for pair in report.pairs}
+
+    initialise_output_dir(settings.output_dir, dataset_description(
+        config_hash=settings.configuration_hash(), bids_dir=settings.bids_dir,
+        derivatives=settings.execution.derivatives,
+        templateflow_home=settings.execution.templateflow_home))
+    write_atlases(settings, atlases)
+
+    wf = init_samba_participant_wf(settings, report.pairs, atlases, facts)
+    _configure(wf, settings)
+    _save_run_config(settings, sorted({p.subject for p in report.pairs}))
+    if settings.execution.write_graph:
+        _write_graph(wf, settings, sorted({p.subject for p in report.pairs}))
+    LOGGER.log(IMPORTANT, "Running the participant workflow (%s) in %s", wf.name, settings.work_dir)
+    plugin = settings.nipype.get_plugin()
+    try:
+        wf.run(**plugin)
+    except RuntimeError as exc:
+        _raise_node_error(settings, report.pairs, exc)
+
+
+def _configure(wf, settings: Settings) -> None:
+    ex = settings.execution
+    wf.config["execution"].update({
+        "crashfile_format": "txt",
+        "stop_on_first_crash": ex.stop_on_first_crash,
+        "remove_unnecessary_outputs": False,
+        "check_version": False,
+        "crashdump_dir": str(settings.log_dir()),
+    })
+    for node_name in wf.list_node_names():
+        sub = node_name.split(".")[0]
+        m = re.match(r"sub_(.+)_wf$", sub)
+        if m:
+            node = wf.get_node(node_name)
+            node.config = node.config or {}
+            node.config.setdefault("execution", {})
+            node.config["execution"]["crashdump_dir"] = str(settings.log_dir(m.group(1)))
+            node.config["execution"]["crashfile_format"] = "txt"
+
+
+def _save_run_config(settings: Settings, subjects: list[str]) -> None:
+    from samba_pipeline.cli.parser import settings_to_cli_toml
+
+    text = tomli_w.dumps(settings_to_cli_toml(settings))
+    for subject in subjects:
+        write_text(settings.log_dir(subject) / "samba-bids.toml", text)
+    settings.to_toml(settings.work_dir / settings.execution.run_uuid / "config.toml")
+
+
+def _write_graph(wf, settings: Settings, subjects: list[str]) -> None:
+    """Write the workflow graph (Graphviz dot source; rendered when Graphviz is installed)."""
+    graph = wf._create_flat_graph()
+    for subject in subjects:
+        lines = ["digraph samba_bids {", "  rankdir=LR;"]
+        prefix = f"sub_{subject}_wf."
+        for u, v in graph.edges():
+            if u.fullname.startswith(wf.name + "." + prefix) or u.fullname.startswith(prefix):
+                lines.append(f'  "{_short(u.fullname)}" -> "{_short(v.fullname)}";')
+        lines.append("}")
+        path = derivative_path(settings.output_dir, subject=subject, desc="workflow", suffix="graph",
+                               extension=".dot")
+        write_text(path, "\n".join(lines) + "\n")
+
+
+def _short(name: str) -> str:
+    return re.sub(r"^samba_bids_\d+_\d+_wf\.sub_[^.]+_wf\.", "", name)
+
+
+def _raise_node_error(settings: Settings, pairs: list[RunPair], exc: Exception) -> None:
+    from samba_pipeline.cli.run import error_from_crashfiles
+
+    for subject in sorted({p.subject for p in pairs}) + [None]:
+        crash_dir = settings.log_dir(subject)
+        if crash_dir.is_dir():
+            err = error_from_crashfiles(crash_dir)
+            if err is not None:
+                raise err
+    raise SambaError(f"the workflow failed ({exc}); crash files are in "
+                     f"{settings.output_dir}/sub-*/log/{settings.execution.run_uuid}")
+
+
+__all__ = ["run_participant", "inspect_pair", "validate_input", "write_atlases"]

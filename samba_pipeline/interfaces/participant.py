@@ -1,0 +1,337 @@
+"""Nipype interfaces of the participant level: thin adapters around the pure functions.
+
+Each interface reads its inputs from files, calls the functions in ``samba_pipeline.ephys``,
+``samba_pipeline.fmri``, ``samba_pipeline.align`` and ``samba_pipeline.graphs``, and writes its
+results into the node's working directory, where Nipype caches them (re-running a workflow
+skips nodes whose inputs did not change).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from samba_pipeline.bids.derivatives import read_tsv, write_json, write_tsv
+
+
+class _PreprocessEphysInputSpec(BaseInterfaceInputSpec):
+    ephys_file = File(exists=True, mandatory=True, desc="raw EEG/MEG recording in a BIDS dataset")
+    settings = traits.Dict(desc="EEG/MEG settings (MNE-BIDS-Pipeline names)")
+    volume_trigger = traits.List(traits.Str, desc="names of the scanner volume markers")
+
+
+class _PreprocessEphysOutputSpec(TraitedSpec):
+    raw_file = File(exists=True, desc="preprocessed recording (FIF, work directory only)")
+    events_tsv = File(exists=True, desc="annotations of the original recording (onset, description)")
+    report_json = File(exists=True, desc="what preprocessing did")
+    channels_tsv = File(exists=True, desc="channel table with status (good/bad) and reason")
+    sfreq = traits.Float(desc="sampling frequency after preprocessing")
+    n_samples = traits.Int(desc="samples after preprocessing")
+    orig_sfreq = traits.Float()
+    orig_duration = traits.Float(desc="duration of the original recording (s)")
+
+
+class PreprocessEphys(SimpleInterface):
+    """Read an EEG/MEG recording with mne-bids and preprocess it (filters, bads, reference)."""
+
+    input_spec = _PreprocessEphysInputSpec
+    output_spec = _PreprocessEphysOutputSpec
+
+    def _run_interface(self, runtime):
+        from mne_bids import get_bids_path_from_fname
+
+        from samba_pipeline.ephys.preprocess import EphysSettings, preprocess_raw
+        from samba_pipeline.ephys.read import events_from_raw, read_ephys
+
+        settings = EphysSettings.from_dict(dict(self.inputs.settings or {}))
+        bids_path = get_bids_path_from_fname(self.inputs.ephys_file)
+        raw = read_ephys(bids_path)
+        onsets, descriptions = events_from_raw(raw)
+        orig_sfreq = float(raw.info["sfreq"])
+        orig_duration = raw.n_times / orig_sfreq
+        events = pd.DataFrame({"onset": onsets, "description": descriptions})
+        self._results["events_tsv"] = str(write_tsv(Path(runtime.cwd) / "events.tsv", events))
+
+        clean, report = preprocess_raw(raw, settings)
+        raw_file = Path(runtime.cwd) / "preproc_raw.fif"
+        clean.save(raw_file, overwrite=True, verbose="error")
+        report = dict(report)
+        report.update(orig_sfreq=orig_sfreq, orig_duration=orig_duration,
+                      source=str(self.inputs.ephys_file))
+        self._results["report_json"] = str(write_json(Path(runtime.cwd) / "report.json", report))
+
+        bads = _bad_reasons(report)
+        channels = pd.DataFrame({
+            "name": raw.ch_names,
+            "type": [str(t).upper() for t in raw.get_channel_types()],
+            "status": ["bad" if ch in bads else "good" for ch in raw.ch_names],
+            "status_description": [bads.get(ch, "n/a") for ch in raw.ch_names],
+        })
+        self._results["channels_tsv"] = str(write_tsv(Path(runtime.cwd) / "channels.tsv", channels))
+        self._results.update(raw_file=str(raw_file), sfreq=float(clean.info["sfreq"]),
+                             n_samples=int(clean.n_times), orig_sfreq=orig_sfreq,
+                             orig_duration=float(orig_duration))
+        return runtime
+
+
+def _bad_reasons(report: dict) -> dict[str, str]:
+    reasons: dict[str, list[str]] = {}
+    bads = report.get("bads", {}) if isinstance(report.get("bads"), dict) else {}
+    for criterion, names in bads.items():
+        if isinstance(names, (list, tuple)):
+            for name in names:
+                reasons.setdefault(str(name), []).append(str(criterion))
+    return {ch: "+".join(sorted(set(r))) for ch, r in reasons.items()}
+
+
+class _ParcellateBoldInputSpec(BaseInterfaceInputSpec):
+    bold_file = File(exists=True, mandatory=True)
+    mask_file = File(exists=True)
+    confounds_file = File(exists=True)
+    atlas_file = File(exists=True, mandatory=True)
+    atlas_table = File(exists=True, mandatory=True)
+    strategy = traits.Str("acompcor", usedefault=True)
+    repetition_time = traits.Float(mandatory=True)
+    high_pass = traits.Either(None, traits.Float, default=None, usedefault=True)
+    low_pass = traits.Either(None, traits.Float, default=None, usedefault=True)
+    fd_threshold = traits.Float(0.5, usedefault=True)
+    min_coverage = traits.Float(0.5, usedefault=True)
+
+
+class _ParcellateBoldOutputSpec(TraitedSpec):
+    timeseries_tsv = File(exists=True, desc="parcel time series (volumes x parcels)")
+    coverage_tsv = File(exists=True, desc="parcel coverage")
+    confounds_qc = File(exists=True, desc="confound strategy and high-motion volumes")
+
+
+class ParcellateBold(SimpleInterface):
+    """Regress confounds, filter and average the BOLD series within the atlas parcels."""
+
+    input_spec = _ParcellateBoldInputSpec
+    output_spec = _ParcellateBoldOutputSpec
+
+    def _run_interface(self, runtime):
+        from samba_pipeline.atlas import read_label_table
+        from samba_pipeline.fmri.confounds import select_confounds
+        from samba_pipeline.fmri.parcellate import parcellate_bold
+
+        cwd = Path(runtime.cwd)
+        import nibabel as nb
+
+        n_volumes = nb.load(self.inputs.bold_file).shape[-1]
+        confounds = None
+        qc = {"strategy": "none", "columns": [], "n_regressors": 0}
+        if self.inputs.strategy != "none" and self.inputs.confounds_file:
+            confounds, qc = select_confounds(
+                self.inputs.bold_file, strategy=self.inputs.strategy,
+                confounds_file=self.inputs.confounds_file, fd_threshold=self.inputs.fd_threshold,
+                n_volumes=n_volumes,
+            )
+        labels = read_label_table(Path(self.inputs.atlas_table))
+        mask = self.inputs.mask_file if self.inputs.mask_file else None
+        timeseries, coverage = parcellate_bold(
+            self.inputs.bold_file, self.inputs.atlas_file, labels, mask_img=mask,
+            confounds=confounds, tr=self.inputs.repetition_time, high_pass=self.inputs.high_pass,
+            low_pass=self.inputs.low_pass, min_coverage=self.inputs.min_coverage,
+        )
+        qc = dict(qc)
+        qc["n_parcels_below_coverage"] = int(timeseries.isna().all().sum())
+        self._results["timeseries_tsv"] = str(write_tsv(cwd / "timeseries.tsv", timeseries))
+        self._results["coverage_tsv"] = str(write_tsv(cwd / "coverage.tsv", coverage))
+        self._results["confounds_qc"] = str(write_json(cwd / "confounds_qc.json", qc))
+        return runtime
+
+
+class _AlignInputSpec(BaseInterfaceInputSpec):
+    events_tsv = File(exists=True, mandatory=True)
+    ephys_file = traits.Str(desc="original recording (for messages)")
+    ephys_sfreq = traits.Float(mandatory=True, desc="sampling frequency of the preprocessed series")
+    ephys_duration = traits.Float(mandatory=True, desc="duration of the recording (s)")
+    n_volumes = traits.Int(mandatory=True)
+    repetition_time = traits.Float(mandatory=True)
+    volume_trigger = traits.List(traits.Str, mandatory=True)
+    window_lengths = traits.List(traits.Float, mandatory=True)
+
+
+class _AlignOutputSpec(TraitedSpec):
+    alignment_json = File(exists=True)
+    windows_tsv = File(exists=True)
+
+
+class AlignRuns(SimpleInterface):
+    """Put EEG/MEG and fMRI on one timeline from the scanner volume triggers."""
+
+    input_spec = _AlignInputSpec
+    output_spec = _AlignOutputSpec
+
+    def _run_interface(self, runtime):
+        from samba_pipeline.align import estimate_alignment, find_volume_triggers, make_windows
+        from samba_pipeline.errors import SambaInputError
+
+        events = read_tsv(self.inputs.events_tsv)
+        triggers = find_volume_triggers(events["onset"].to_numpy(float),
+                                        events["description"].astype(str).to_numpy(),
+                                        names=tuple(self.inputs.volume_trigger))
+        try:
+            alignment = estimate_alignment(
+                triggers, self.inputs.n_volumes, self.inputs.repetition_time,
+                self.inputs.ephys_duration, self.inputs.ephys_sfreq,
+            )
+        except SambaInputError as exc:
+            if exc.path is None and self.inputs.ephys_file:
+                raise SambaInputError(exc.message, path=self.inputs.ephys_file) from None
+            raise
+        windows = make_windows(alignment["n_volumes_kept"], self.inputs.repetition_time,
+                               self.inputs.ephys_sfreq, lengths_s=tuple(self.inputs.window_lengths))
+        alignment = dict(alignment)
+        alignment["trigger_names"] = list(self.inputs.volume_trigger)
+        alignment["ephys_sfreq"] = self.inputs.ephys_sfreq
+        alignment["repetition_time"] = self.inputs.repetition_time
+        cwd = Path(runtime.cwd)
+        self._results["alignment_json"] = str(write_json(cwd / "alignment.json", alignment))
+        self._results["windows_tsv"] = str(write_tsv(cwd / "windows.tsv", windows))
+        return runtime
+
+
+class _CropGraphInputSpec(BaseInterfaceInputSpec):
+    raw_file = File(exists=True, mandatory=True)
+    fmri_timeseries = File(exists=True, mandatory=True)
+    alignment_json = File(exists=True, mandatory=True)
+
+
+class _CropGraphOutputSpec(TraitedSpec):
+    ephys_timeseries = File(exists=True, desc="cropped EEG/MEG series (TSV.gz)")
+    fmri_timeseries = File(exists=True, desc="cropped fMRI parcel series (TSV)")
+    ephys_graph = File(exists=True, desc="cosine graph of the EEG/MEG nodes (relmat TSV)")
+    fmri_graph = File(exists=True, desc="cosine graph of the fMRI parcels (relmat TSV)")
+    ephys_sfreq = traits.Float()
+    ephys_start_time = traits.Float(desc="start of the cropped EEG/MEG series on the common timeline")
+
+
+class CropAndGraph(SimpleInterface):
+    """Crop both series to their overlap and build the cosine-similarity graphs."""
+
+    input_spec = _CropGraphInputSpec
+    output_spec = _CropGraphOutputSpec
+
+    def _run_interface(self, runtime):
+        import mne
+
+        from samba_pipeline.ephys.preprocess import ephys_timeseries
+        from samba_pipeline.graphs import cosine_graph
+
+        alignment = json.loads(Path(self.inputs.alignment_json).read_text())
+        raw = mne.io.read_raw_fif(self.inputs.raw_file, preload=True, verbose="error")
+        data, names, sfreq = ephys_timeseries(raw, alignment["ephys_start_sample"],
+                                              alignment["ephys_stop_sample"])
+        fmri = read_tsv(self.inputs.fmri_timeseries)
+        first, n_kept = alignment["first_volume"], alignment["n_volumes_kept"]
+        fmri = fmri.iloc[first:first + n_kept].reset_index(drop=True)
+        cwd = Path(runtime.cwd)
+        ephys_df = pd.DataFrame(np.asarray(data, dtype=np.float64), columns=list(names))
+        self._results["ephys_timeseries"] = str(write_tsv(cwd / "ephys_timeseries.tsv.gz", ephys_df))
+        self._results["fmri_timeseries"] = str(write_tsv(cwd / "fmri_timeseries.tsv", fmri))
+        eg = cosine_graph(np.asarray(data, dtype=np.float64))
+        fg = cosine_graph(fmri.to_numpy(dtype=np.float64))
+        self._results["ephys_graph"] = str(write_tsv(cwd / "ephys_graph.tsv", _relmat(eg, names)))
+        self._results["fmri_graph"] = str(write_tsv(cwd / "fmri_graph.tsv", _relmat(fg, fmri.columns)))
+        self._results["ephys_sfreq"] = float(sfreq)
+        # Sample ephys_start_sample lies at the first kept volume: time 0 of the common timeline.
+        self._results["ephys_start_time"] = 0.0
+        return runtime
+
+
+def _relmat(matrix: np.ndarray, names) -> pd.DataFrame:
+    """A relmat table in XCP-D's layout: first column ``Node``, then one column per node."""
+    names = [str(n) for n in names]
+    table = pd.DataFrame(matrix, columns=names)
+    table.insert(0, "Node", names)
+    return table
+
+
+class _SinkInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    output_dir = traits.Str(mandatory=True)
+    entities = traits.Dict(mandatory=True, desc="BIDS entities of the output")
+    metadata = traits.Dict(desc="JSON sidecar content (none written when empty)")
+    metadata_file = File(exists=True, desc="JSON file merged into the sidecar")
+
+
+class _SinkOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+    out_meta = File()
+
+
+class DerivativesSink(SimpleInterface):
+    """Copy a result into the derivatives dataset under its BIDS name (atomically)."""
+
+    input_spec = _SinkInputSpec
+    output_spec = _SinkOutputSpec
+    _always_run = True
+
+    def _run_interface(self, runtime):
+        from samba_pipeline.bids.derivatives import copy_file, derivative_path
+
+        ents = dict(self.inputs.entities)
+        out = derivative_path(self.inputs.output_dir, **ents)
+        copy_file(self.inputs.in_file, out)
+        self._results["out_file"] = str(out)
+        meta = dict(self.inputs.metadata or {})
+        if self.inputs.metadata_file:
+            meta.update(json.loads(Path(self.inputs.metadata_file).read_text()))
+        if meta:
+            ents["extension"] = ".json"
+            sidecar = derivative_path(self.inputs.output_dir, **ents)
+            if sidecar == out:
+                raise ValueError(f"sidecar would overwrite {out}")
+            write_json(sidecar, meta)
+            self._results["out_meta"] = str(sidecar)
+        return runtime
+
+
+class _SidecarInputSpec(BaseInterfaceInputSpec):
+    base = traits.Dict(desc="static metadata")
+    sampling_frequency = traits.Float(desc="SamplingFrequency (Hz)")
+    start_time = traits.Float(desc="StartTime (s)")
+    extra_json = File(exists=True, desc="JSON merged under 'extra_key' (or at top level)")
+    extra_key = traits.Str("", usedefault=True)
+
+
+class _SidecarOutputSpec(TraitedSpec):
+    metadata = traits.Dict()
+
+
+class MakeSidecar(SimpleInterface):
+    """Assemble a JSON sidecar from static metadata and values known only at run time."""
+
+    input_spec = _SidecarInputSpec
+    output_spec = _SidecarOutputSpec
+
+    def _run_interface(self, runtime):
+        meta = dict(self.inputs.base or {})
+        if self.inputs.sampling_frequency:
+            meta["SamplingFrequency"] = float(self.inputs.sampling_frequency)
+        if self.inputs.start_time is not None and isinstance(self.inputs.start_time, float):
+            meta["StartTime"] = float(self.inputs.start_time)
+        if self.inputs.extra_json:
+            extra = json.loads(Path(self.inputs.extra_json).read_text())
+            if self.inputs.extra_key:
+                meta[self.inputs.extra_key] = extra
+            else:
+                meta.update(extra)
+        self._results["metadata"] = meta
+        return runtime
+
+
+__all__ = ["PreprocessEphys", "ParcellateBold", "AlignRuns", "CropAndGraph", "DerivativesSink",
+           "MakeSidecar"]

@@ -1,0 +1,172 @@
+"""Neural source activity of the coarse parcels, on the EEG clock.
+
+Every coarse parcel carries one source time course (a current dipole moment, A·m, once scaled
+by the EEG module)::
+
+    s_c(t) = b_c(t) + sum_b sqrt(P_cb(t)) * x_cb(t)
+
+* ``b_c`` is 1/f ("pink") background activity with unit variance;
+* ``x_cb`` is unit-variance band-limited noise in band ``b`` (alpha, beta, gamma), i.e. an
+  oscillation with a random phase;
+* ``P_cb(t) = P0_cb * exp(L_cb(t) - sigma^2 / 2)`` is the band's power envelope. The log-power
+  process ``L_cb = sigma * (sqrt(rho) * g_{network(c), b} + sqrt(1 - rho) * e_cb)`` is a slow
+  Gaussian process (time scales ~5-40 s: the frequencies BOLD can follow) with a component
+  ``g`` shared by all parcels of the same network and a parcel-specific component ``e``.
+
+``P_cb(t)`` is the ground-truth band power; the z-scored log band power ``L_cb / sigma`` drives
+the BOLD signal (see :mod:`samba_pipeline.simulate.bold`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Frequency bands (Hz) of the simulated oscillations.
+BAND_NAMES = ("alpha", "beta", "gamma")
+BANDS = np.array([[8.0, 12.0], [15.0, 25.0], [40.0, 60.0]])
+#: Mean in-band power of each oscillation relative to the 1/f background's power in that band.
+BAND_SNR = np.array([5.0, 2.5, 2.5])
+#: Extra factor on BAND_SNR for the networks where the rhythm is strongest at rest.
+BAND_SNR_NETWORK_GAIN = {"alpha": {"Vis": 2.0}, "beta": {"SomMot": 2.0}, "gamma": {}}
+#: Standard deviation of the natural-log band power and share of it common to a network.
+LOG_POWER_SD = 0.5
+NETWORK_SHARE = 0.5
+#: Envelope grid step (s) and how long the simulated past extends before EEG sample 0 (s), so
+#: that the first volumes have a full hemodynamic history.
+ENV_DT = 0.1
+ENV_PAST_S = 40.0
+#: Pass band (Hz) of the slow log-power processes: periods of about 6 to 40 s.
+ENV_BAND = (1.0 / 40.0, 1.0 / 6.0)
+
+
+@dataclass
+class NeuralSimulation:
+    sources: np.ndarray  # (n_coarse, n_samples) unit-free; scaled to A·m by the EEG module
+    sfreq: float
+    env_times: np.ndarray  # (n_env,) seconds on the EEG clock (starts before 0)
+    log_power: np.ndarray  # (n_coarse, n_bands, n_env) L_cb, natural-log units, mean ~0
+    base_power: np.ndarray  # (n_coarse, n_bands) P0_cb (unit-free)
+
+    def band_power_at(self, times: np.ndarray) -> np.ndarray:
+        """P_cb at ``times`` (s): (n_coarse, n_bands, n_times), unit-free."""
+        logp = interp_rows(self.env_times, self.log_power, times)
+        return self.base_power[..., None] * np.exp(logp - LOG_POWER_SD**2 / 2)
+
+    def log_power_z_at(self, times: np.ndarray) -> np.ndarray:
+        """Standardised log band power L_cb / sigma at ``times``."""
+        return interp_rows(self.env_times, self.log_power, times) / LOG_POWER_SD
+
+
+def interp_rows(x: np.ndarray, y: np.ndarray, xnew: np.ndarray) -> np.ndarray:
+    """Linear interpolation of ``y[..., x]`` at ``xnew`` along the last axis (vectorised)."""
+    x = np.asarray(x, dtype=float)
+    xnew = np.asarray(xnew, dtype=float)
+    idx = np.clip(np.searchsorted(x, xnew, side="right") - 1, 0, len(x) - 2)
+    frac = np.clip((xnew - x[idx]) / (x[idx + 1] - x[idx]), 0.0, 1.0)
+    return y[..., idx] * (1.0 - frac) + y[..., idx + 1] * frac
+
+
+def _unit_variance(x: np.ndarray) -> np.ndarray:
+    x = x - x.mean(axis=-1, keepdims=True)
+    return x / x.std(axis=-1, keepdims=True)
+
+
+def pink_spectrum(freqs: np.ndarray, f_min: float = 0.5) -> np.ndarray:
+    """Power spectral density shape of the background: 1/f above ``f_min``, flat below."""
+    return 1.0 / np.maximum(freqs, f_min)
+
+
+def pink_noise(rng: np.random.Generator, n_series: int, n_samples: int, sfreq: float) -> np.ndarray:
+    """Unit-variance 1/f noise, shape (n_series, n_samples)."""
+    freqs = np.fft.rfftfreq(n_samples, 1.0 / sfreq)
+    spec = np.fft.rfft(rng.standard_normal((n_series, n_samples)), axis=-1)
+    gain = np.sqrt(pink_spectrum(freqs))
+    gain[0] = 0.0
+    return _unit_variance(np.fft.irfft(spec * gain, n=n_samples, axis=-1))
+
+
+def band_gain(freqs: np.ndarray, band, taper_hz: float = 1.0) -> np.ndarray:
+    """Amplitude response of a band-pass with raised-cosine edges of ``taper_hz``."""
+    lo, hi = band
+    g = np.zeros_like(freqs)
+    g[(freqs >= lo) & (freqs <= hi)] = 1.0
+    up = (freqs > lo - taper_hz) & (freqs < lo)
+    g[up] = 0.5 * (1 - np.cos(np.pi * (freqs[up] - (lo - taper_hz)) / taper_hz))
+    down = (freqs > hi) & (freqs < hi + taper_hz)
+    g[down] = 0.5 * (1 + np.cos(np.pi * (freqs[down] - hi) / taper_hz))
+    return g
+
+
+def bandlimited_noise(
+    rng: np.random.Generator, n_series: int, n_samples: int, sfreq: float, band
+) -> np.ndarray:
+    """Unit-variance Gaussian noise limited to ``band`` (Hz): a random-phase oscillation."""
+    freqs = np.fft.rfftfreq(n_samples, 1.0 / sfreq)
+    spec = np.fft.rfft(rng.standard_normal((n_series, n_samples)), axis=-1)
+    return _unit_variance(np.fft.irfft(spec * band_gain(freqs, band), n=n_samples, axis=-1))
+
+
+def slow_process(
+    rng: np.random.Generator, n_series: int, n_times: int, dt: float, band=ENV_BAND
+) -> np.ndarray:
+    """Unit-variance slow Gaussian process (smooth band-pass between band[0] and band[1] Hz)."""
+    freqs = np.fft.rfftfreq(n_times, dt)
+    f_lo, f_hi = band
+    with np.errstate(divide="ignore"):
+        gain = 1.0 / np.sqrt(1.0 + (f_lo / freqs) ** 2) / np.sqrt(1.0 + (freqs / f_hi) ** 8)
+    gain[0] = 0.0
+    spec = np.fft.rfft(rng.standard_normal((n_series, n_times)), axis=-1)
+    return _unit_variance(np.fft.irfft(spec * gain, n=n_times, axis=-1))
+
+
+def simulate_neural(
+    rng: np.random.Generator,
+    networks: list[str],
+    n_samples: int,
+    sfreq: float,
+) -> NeuralSimulation:
+    """Simulate the coarse-parcel sources (see module doc); ``networks`` names each parcel's network."""
+    n_coarse = len(networks)
+    n_bands = len(BANDS)
+    net_names = sorted(set(networks))
+    net_index = np.array([net_names.index(n) for n in networks])
+
+    duration = n_samples / sfreq
+    n_env = int(np.ceil((duration + ENV_PAST_S + 1.0) / ENV_DT)) + 1
+    env_times = -ENV_PAST_S + ENV_DT * np.arange(n_env)
+
+    shared = slow_process(rng, len(net_names) * n_bands, n_env, ENV_DT).reshape(
+        len(net_names), n_bands, n_env
+    )
+    own = slow_process(rng, n_coarse * n_bands, n_env, ENV_DT).reshape(n_coarse, n_bands, n_env)
+    log_power = LOG_POWER_SD * (
+        np.sqrt(NETWORK_SHARE) * shared[net_index] + np.sqrt(1.0 - NETWORK_SHARE) * own
+    )
+
+    # mean band power relative to the background's in-band power
+    freqs = np.fft.rfftfreq(n_samples, 1.0 / sfreq)
+    bg = pink_spectrum(freqs)
+    bg[0] = 0.0
+    base_power = np.empty((n_coarse, n_bands))
+    for b, (name, band) in enumerate(zip(BAND_NAMES, BANDS)):
+        frac = (bg * band_gain(freqs, band) ** 2).sum() / bg.sum()
+        gains = np.array([BAND_SNR_NETWORK_GAIN[name].get(n, 1.0) for n in networks])
+        base_power[:, b] = BAND_SNR[b] * frac * gains
+
+    t = np.arange(n_samples) / sfreq
+    sources = pink_noise(rng, n_coarse, n_samples, sfreq)
+    for b, band in enumerate(BANDS):
+        carrier = bandlimited_noise(rng, n_coarse, n_samples, sfreq, band)
+        logp = interp_rows(env_times, log_power[:, b, :], t)
+        amp = np.sqrt(base_power[:, b, None] * np.exp(logp - LOG_POWER_SD**2 / 2))
+        sources += amp * carrier
+        del carrier, logp, amp
+    return NeuralSimulation(
+        sources=sources,
+        sfreq=float(sfreq),
+        env_times=env_times,
+        log_power=log_power,
+        base_power=base_power,
+    )
