@@ -5,6 +5,6 @@ __packagename__ = "samba-bids"
 __url__ = "https://github.com/samba-bids/samba-bids"
 __citation__ = (
     "samba-bids translates electrophysiology and fMRI with SAMBA "
-    "(Li et al., 2024, arXiv:2409.18462) and related models "
-    "(Calhas & Henriques, 2023)."
+    "(Afrasiyabi et al., 2024, arXiv:2409.18462) and related models "
+    "(Calhas & Henriques)."
 )

@@ -156,8 +156,9 @@ def estimate_alignment(
     Returns
     -------
     dict (JSON-serialisable)
-        ``method`` ("triggers": at least ``n_volumes`` triggers; "first_trigger+TR": fewer,
-        volume times extrapolated from the first trigger; "assumed_simultaneous_start"),
+        ``method`` ("triggers": a trigger for every volume acquired while the ephys recording
+        ran; "first_trigger+TR": fewer, volume times extrapolated from the first trigger;
+        "assumed_simultaneous_start"),
         ``offset_s`` (ephys time of volume 0), ``tr``, ``n_volumes``, ``n_triggers``,
         ``skip_triggers``, ``n_extra_triggers`` (triggers beyond ``n_volumes``, ignored),
         ``n_missing_triggers``, ``first_volume``/``last_volume`` (inclusive) and
@@ -225,10 +226,16 @@ def estimate_alignment(
             )
         method = "assumed_simultaneous_start"
         offset = 0.0
+        n_recordable = n_volumes
         warn.append("no volume triggers: assuming fMRI volume 0 starts at ephys t = 0")
     else:
         offset = float(trig[0])
-        if n_trig >= n_volumes:
+        # Volumes whose trigger would fall inside the recording (a recording that stops
+        # before the run ends cannot hold the later triggers).
+        n_recordable = int(
+            np.count_nonzero(offset + tr * np.arange(n_volumes) <= ephys_duration + 1e-9)
+        )
+        if n_trig >= n_recordable:
             method = "triggers"
             if n_trig > n_volumes:
                 warn.append(
@@ -239,8 +246,9 @@ def estimate_alignment(
         else:
             method = "first_trigger+TR"
             warn.append(
-                f"only {n_trig} volume trigger(s) for {n_volumes} volumes: volume times are "
-                "extrapolated from the first trigger with the TR"
+                f"only {n_trig} volume trigger(s) for {n_recordable} volumes acquired during "
+                "the ephys recording: volume times are extrapolated from the first trigger "
+                "with the TR"
             )
         n_match = min(n_trig, n_volumes)
         drift = float(np.max(np.abs(trig[:n_match] - (offset + tr * np.arange(n_match)))))
@@ -285,7 +293,7 @@ def estimate_alignment(
         "n_triggers": n_trig,
         "skip_triggers": skip,
         "n_extra_triggers": max(0, n_trig - n_volumes),
-        "n_missing_triggers": max(0, n_volumes - n_trig),
+        "n_missing_triggers": max(0, n_recordable - n_trig),
         "first_volume": first,
         "last_volume": last,
         "fmri_start": first,
@@ -341,13 +349,13 @@ def make_windows(
     frames = []
     for length in lengths_s:  # a handful of lengths; numerics below are vectorised
         length = _positive_float(length, "window length", None)
-        n_win = int(math.floor(length / tr + 0.5 + 1e-9))
+        n_win = math.floor(length / tr + 0.5 + 1e-9)
         if n_win < 1:
             raise SambaInputError(f"window length {length:g} s is shorter than the TR {tr:g} s")
         step = (
             n_win
             if step_s is None
-            else int(math.floor(_positive_float(step_s, "step", None) / tr + 0.5 + 1e-9))
+            else math.floor(_positive_float(step_s, "step", None) / tr + 0.5 + 1e-9)
         )
         if step < 1:
             raise SambaInputError(f"window step {step_s:g} s is shorter than the TR {tr:g} s")
@@ -355,8 +363,11 @@ def make_windows(
         label = window_label(length)
         if starts.size == 0:
             LOGGER.warning(
-                "no %s window fits in %d volumes (%g s) of TR %g s", label, n_volumes,
-                n_volumes * tr, tr,
+                "no %s window fits in %d volumes (%g s) of TR %g s",
+                label,
+                n_volumes,
+                n_volumes * tr,
+                tr,
             )
         onset = starts * tr
         frames.append(

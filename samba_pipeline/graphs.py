@@ -99,7 +99,7 @@ def region_map(
         f_ok = np.array([r is not None for r in f_reg])
         # Factorise the union of region strings, then compare codes (vectorised).
         codes, _ = pd.factorize(pd.Series(list(f_reg) + list(c_reg), dtype=object))
-        f_code, c_code = codes[: len(f_reg)], codes[len(f_reg):]
+        f_code, c_code = codes[: len(f_reg)], codes[len(f_reg) :]
         mapping = (f_code[:, None] == c_code[None, :]) & f_ok[:, None] & c_ok[None, :]
 
     unmatched = ~mapping.any(axis=1)
@@ -199,8 +199,11 @@ def _overlap_map(coarse, fine, coarse_img, fine_img) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             c_img = resample_to_img(
-                nib.Nifti1Image(np.asarray(c_img.dataobj), c_img.affine), f_img,
-                interpolation="nearest", force_resample=True, copy_header=True,
+                nib.Nifti1Image(np.asarray(c_img.dataobj), c_img.affine),
+                f_img,
+                interpolation="nearest",
+                force_resample=True,
+                copy_header=True,
             )
     c_data = np.rint(np.asarray(c_img.dataobj)).astype(np.int64)
 
@@ -208,9 +211,7 @@ def _overlap_map(coarse, fine, coarse_img, fine_img) -> np.ndarray:
     c_pos = _positions(c_data, coarse["index"].to_numpy(dtype=np.int64))
     both = (f_pos >= 0) & (c_pos >= 0)
     n_f, n_c = len(fine), len(coarse)
-    counts = np.bincount(
-        f_pos[both] * n_c + c_pos[both], minlength=n_f * n_c
-    ).reshape(n_f, n_c)
+    counts = np.bincount(f_pos[both] * n_c + c_pos[both], minlength=n_f * n_c).reshape(n_f, n_c)
     best = counts.max(axis=1, keepdims=True)
     return (counts == best) & (best > 0)
 

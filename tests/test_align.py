@@ -24,8 +24,16 @@ TR = 2.0
 
 def test_find_volume_triggers_picks_names_sorted_unique():
     onsets = [5.0, 1.0, 3.0, 3.0, 7.5, 9.0, 11.0, 2.2]
-    desc = ["R128", "Response/R128", "Stimulus/S  1", "R128 ", "Volume", "Comment/x", "TR",
-            "Response/R128"]
+    desc = [
+        "R128",
+        "Response/R128",
+        "Stimulus/S  1",
+        "R128 ",
+        "Volume",
+        "Comment/x",
+        "TR",
+        "Response/R128",
+    ]
     # the same trigger listed twice (3.0 as 'R128 ' only once here; 1.0 once) -> unique
     got = find_volume_triggers(onsets, desc)
     np.testing.assert_array_equal(got, [1.0, 2.2, 3.0, 5.0, 7.5, 11.0])
@@ -45,15 +53,22 @@ def test_find_volume_triggers_picks_names_sorted_unique():
 def test_triggers_from_annotations_and_raw():
     onsets = 1.5 + TR * np.arange(5)
     ann = mne.Annotations(
-        onset=np.r_[onsets, 0.7], duration=0.0,
+        onset=np.r_[onsets, 0.7],
+        duration=0.0,
         description=["Response/R128"] * 5 + ["Stimulus/S  1"],
     )
     np.testing.assert_allclose(find_volume_triggers_in_annotations(ann), onsets)
     info = mne.create_info(["Fz"], SFREQ, "eeg")
     raw = mne.io.RawArray(np.zeros((1, int(15 * SFREQ))), info, first_samp=500, verbose=False)
     raw.set_meas_date(0)
-    raw.set_annotations(mne.Annotations(onset=raw.first_time + onsets, duration=0.0,
-                                        description=["R128"] * 5, orig_time=raw.info["meas_date"]))
+    raw.set_annotations(
+        mne.Annotations(
+            onset=raw.first_time + onsets,
+            duration=0.0,
+            description=["R128"] * 5,
+            orig_time=raw.info["meas_date"],
+        )
+    )
     np.testing.assert_allclose(find_volume_triggers_in_annotations(raw), onsets, atol=1e-9)
     with pytest.raises(SambaInputError, match="expected mne Annotations"):
         find_volume_triggers_in_annotations([1, 2, 3])
@@ -99,10 +114,11 @@ def test_alignment_jitter_extra_triggers_and_skip(caplog):
 def test_alignment_crops_to_recording():
     offset, n_vol = 4.0, 60
     trig = offset + TR * np.arange(n_vol)
-    trig = trig[trig < 80.0]  # EEG stopped at 80.9 s: triggers only while recording
+    trig = trig[trig <= 80.9]  # EEG stopped at 80.9 s: triggers only while recording
     res = estimate_alignment(trig, n_vol, TR, 80.9, SFREQ)
-    # volume k spans [4 + 2k, 6 + 2k): the last one ending by 80.9 s is k = 37
-    assert res["method"] == "first_trigger+TR"
+    # volume k spans [4 + 2k, 6 + 2k): the last one ending by 80.9 s is k = 37; every volume
+    # acquired while recording (k <= 37, trigger at 78 s) has its trigger
+    assert res["method"] == "triggers" and res["n_missing_triggers"] == 0
     assert (res["first_volume"], res["last_volume"]) == (0, 37)
     assert (res["fmri_start"], res["fmri_stop"]) == (0, 38)
     assert res["ephys_stop_sample"] == to_sample(4.0 + 38 * TR, SFREQ) == 20000
@@ -118,6 +134,12 @@ def test_alignment_fallback_first_trigger_plus_tr(caplog):
     assert res["ephys_start_sample"] == 1500 and res["ephys_stop_sample"] == 1500 + 20 * 500
     assert res["n_missing_triggers"] == 17
     assert "only 3 volume trigger(s) for 20 volumes" in caplog.text
+    # triggers missing while the recording still ran (a gap of 3 TR) fall back too
+    trig = np.r_[4.0 + TR * np.arange(10), 4.0 + TR * np.arange(12, 20)]
+    res = estimate_alignment(trig, 20, TR, 100.0, SFREQ)
+    assert res["method"] == "first_trigger+TR" and res["offset_s"] == 4.0
+    assert res["n_missing_triggers"] == 2 and res["n_irregular_spacings"] == 1
+    assert res["trigger_spacing_max_deviation_s"] == pytest.approx(2 * TR)
     # a single trigger: no spacing to check, still aligned on it
     res = estimate_alignment([6.0], 20, TR, 100.0, SFREQ)
     assert res["method"] == "first_trigger+TR" and res["trigger_spacing_median_s"] is None
@@ -158,8 +180,14 @@ def test_alignment_errors():
     with pytest.raises(SambaInputError, match="only 1 fMRI volume overlaps"):
         estimate_alignment([97.0], 10, TR, 100.0, SFREQ)
     for kwargs in ({"n_volumes": 0}, {"tr": 0.0}, {"ephys_sfreq": -1}, {"ephys_duration": 0}):
-        args = {"trigger_onsets": [1.0], "n_volumes": 10, "tr": TR, "ephys_duration": 100.0,
-                "ephys_sfreq": SFREQ, **kwargs}
+        args = {
+            "trigger_onsets": [1.0],
+            "n_volumes": 10,
+            "tr": TR,
+            "ephys_duration": 100.0,
+            "ephys_sfreq": SFREQ,
+            **kwargs,
+        }
         with pytest.raises(SambaInputError, match="must be"):
             estimate_alignment(**args)
     with pytest.raises(SambaInputError, match="skip_triggers=5"):
@@ -168,8 +196,17 @@ def test_alignment_errors():
 
 def test_make_windows():
     win = make_windows(100, TR, SFREQ)
-    assert list(win.columns) == ["window_id", "length_s", "label", "onset_s", "duration_s",
-                                 "fmri_start", "fmri_stop", "ephys_start", "ephys_stop"]
+    assert list(win.columns) == [
+        "window_id",
+        "length_s",
+        "label",
+        "onset_s",
+        "duration_s",
+        "fmri_start",
+        "fmri_stop",
+        "ephys_start",
+        "ephys_stop",
+    ]
     minute = win[win["label"] == "minute"]
     assert minute["fmri_start"].tolist() == [0, 30, 60]  # 90..120 would be partial
     assert (minute["fmri_stop"] - minute["fmri_start"]).eq(30).all()

@@ -52,8 +52,8 @@ def _confounds_frame(rng, n=N_VOLS, fd=None):
         cols[f"cosine{i:02d}"] = np.cos(np.pi * (np.arange(n) + 0.5) * (i + 1) / n)
     nss = np.zeros(n)
     nss[0] = 1
-    cols["non_steady_state_outlier_00"] = nss
-    cols["motion_outlier_00"] = np.eye(n)[5]
+    cols["non_steady_state_outlier00"] = nss  # fMRIPrep spelling
+    cols["motion_outlier00"] = np.eye(n)[5]
     return pd.DataFrame(cols)
 
 
@@ -90,8 +90,14 @@ def fmriprep_func(tmp_path):
 # confounds
 
 
-EXPECTED_N = {"24P": 24, "36P": 36, "acompcor": 24 + 5 + 3, "acompcor_gsr": 24 + 5 + 3 + 1,
-              "gsr_only": 1, "none": 0}
+EXPECTED_N = {
+    "24P": 24,
+    "36P": 36,
+    "acompcor": 24 + 5 + 3,
+    "acompcor_gsr": 24 + 5 + 3 + 1,
+    "gsr_only": 1,
+    "none": 0,
+}
 
 
 @pytest.mark.parametrize("strategy", list(EXPECTED_N))
@@ -114,11 +120,11 @@ def test_strategies_nilearn_and_direct_agree(fmriprep_func, strategy):
 
 def test_column_content(fmriprep_func):
     frame = fmriprep_func["frame"]
-    reg, qc = select_confounds(fmriprep_func["bold"], "36P")
+    reg, _qc = select_confounds(fmriprep_func["bold"], "36P")
     expected = [f"{b}{s}" for s in SUFFIXES for b in MOTION] + [
         f"{b}{s}" for s in SUFFIXES for b in TISSUE
     ]
-    assert list(reg.columns) == expected + ["non_steady_state_outlier_00"]
+    assert list(reg.columns) == expected + ["non_steady_state_outlier00"]
     # first n/a row filled with the second row, then each column mean-centred
     ref = frame[expected].copy()
     ref.iloc[0] = ref.iloc[0].fillna(ref.iloc[1])
@@ -129,8 +135,11 @@ def test_column_content(fmriprep_func):
     reg, _ = select_confounds(fmriprep_func["bold"], "acompcor")
     comps = [c for c in reg.columns if c.startswith("a_comp_cor")]
     assert comps == [f"a_comp_cor_{i:02d}" for i in range(6, 11)]
-    assert [c for c in reg.columns if c.startswith("cosine")] == ["cosine00", "cosine01",
-                                                                  "cosine02"]
+    assert [c for c in reg.columns if c.startswith("cosine")] == [
+        "cosine00",
+        "cosine01",
+        "cosine02",
+    ]
     reg, _ = select_confounds(fmriprep_func["bold"], "gsr_only", non_steady_state="ignore")
     assert list(reg.columns) == ["global_signal"]
 
@@ -153,8 +162,7 @@ def test_motion_qc_reports_without_censoring(fmriprep_func, tmp_path):
     assert qc["max_fd"] == pytest.approx(2.0)
     assert qc["non_steady_state_volumes"] == [0]
     json.dumps(qc)  # serialisable
-    _, qc = select_confounds(None, "24P", confounds_file=path, n_volumes=N_VOLS,
-                             fd_threshold=1.0)
+    _, qc = select_confounds(None, "24P", confounds_file=path, n_volumes=N_VOLS, fd_threshold=1.0)
     assert qc["high_motion_volumes"] == [30]
 
 
@@ -241,8 +249,9 @@ def bold4d():
 
 def _plain(bold, atlas, table, **kw):
     kw.setdefault("tr", TR)
-    return parcellate_bold(bold, atlas, table, high_pass=None, standardize=False,
-                           detrend=False, **kw)
+    return parcellate_bold(
+        bold, atlas, table, high_pass=None, standardize=False, detrend=False, **kw
+    )
 
 
 def test_parcel_means_match_numpy(bold4d):
@@ -251,8 +260,12 @@ def test_parcel_means_match_numpy(bold4d):
     mask = np.ones(SHAPE, bool)
     mask[1:3, 1:4, 1:7] = False  # half of parcel 3 outside the brain mask
     table = _table().iloc[::-1].reset_index(drop=True)  # table order != label order
-    ts, cov = _plain(bold4d, nib.Nifti1Image(atlas, AFF2), table,
-                     mask_img=nib.Nifti1Image(mask.astype(np.uint8), AFF2))
+    ts, cov = _plain(
+        bold4d,
+        nib.Nifti1Image(atlas, AFF2),
+        table,
+        mask_img=nib.Nifti1Image(mask.astype(np.uint8), AFF2),
+    )
     assert list(ts.columns) == table["name"].tolist()
     for idx, name in zip(table["index"], table["name"]):
         sel = (atlas == idx) & mask
@@ -281,8 +294,9 @@ def test_coverage_without_mask_uses_varying_voxels_and_nan_for_low(bold4d, caplo
     data[5:9, 1:4, 1:7, :] = 0.0  # parcel 11 entirely constant (outside the brain)
     data[5:9, 4:6, 1:7, :] = 7.0  # half of parcel 13 constant
     bold = nib.Nifti1Image(data, AFF2)
-    table = pd.concat([_table(), pd.DataFrame({"index": [99], "name": ["Absent"]})],
-                      ignore_index=True)
+    table = pd.concat(
+        [_table(), pd.DataFrame({"index": [99], "name": ["Absent"]})], ignore_index=True
+    )
     with caplog.at_level(logging.WARNING):
         ts, cov = _plain(bold, nib.Nifti1Image(atlas, AFF2), table, min_coverage=0.6)
     assert "absent from the atlas image" in caplog.text and "Absent" in caplog.text
@@ -295,8 +309,9 @@ def test_coverage_without_mask_uses_varying_voxels_and_nan_for_low(bold4d, caplo
     assert cov["used"].tolist() == [True, True, True, False, False, True, False]
     # with min_coverage 0.5 the half-covered parcel is kept and averages its varying voxels
     ts, _ = _plain(bold, nib.Nifti1Image(atlas, AFF2), table, min_coverage=0.5)
-    np.testing.assert_allclose(ts["P13"], data[5:9, 6:8, 1:7].reshape(-1, N_VOLS).mean(0),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        ts["P13"], data[5:9, 6:8, 1:7].reshape(-1, N_VOLS).mean(0), rtol=1e-5
+    )
 
 
 def test_confound_regression_residuals_orthogonal(bold4d):
@@ -305,8 +320,12 @@ def test_confound_regression_residuals_orthogonal(bold4d):
     conf = rng.normal(size=(N_VOLS, 3))
     data = bold4d.get_fdata() + (conf @ [3.0, -2.0, 1.0])[None, None, None, :]
     bold = nib.Nifti1Image(data.astype(np.float32), AFF2)
-    ts, _ = _plain(bold, nib.Nifti1Image(atlas, AFF2), _table(),
-                   confounds=pd.DataFrame(conf, columns=["a", "b", "c"]))
+    ts, _ = _plain(
+        bold,
+        nib.Nifti1Image(atlas, AFF2),
+        _table(),
+        confounds=pd.DataFrame(conf, columns=["a", "b", "c"]),
+    )
     resid = ts.to_numpy()
     centred = conf - conf.mean(0)
     # residuals orthogonal to the (centred) confounds ...
@@ -319,8 +338,9 @@ def test_confound_regression_residuals_orthogonal(bold4d):
 
 
 def test_filter_and_standardize(bold4d):
-    ts, _ = parcellate_bold(bold4d, nib.Nifti1Image(_atlas2(), AFF2), _table(), tr=TR,
-                            high_pass=0.01, low_pass=0.1)
+    ts, _ = parcellate_bold(
+        bold4d, nib.Nifti1Image(_atlas2(), AFF2), _table(), tr=TR, high_pass=0.01, low_pass=0.1
+    )
     np.testing.assert_allclose(ts.mean().to_numpy(), 0, atol=1e-5)
     np.testing.assert_allclose(ts.std(ddof=1).to_numpy(), 1, rtol=1e-4)
     # low-pass removes power above 0.1 Hz (Nyquist 0.25 Hz)

@@ -134,7 +134,7 @@ def init_run_wf(settings: Settings, pair: RunPair, atlases: dict, facts: dict) -
 
     wf.connect([
         (ephys, align, [("events_tsv", "events_tsv"), ("sfreq", "ephys_sfreq"),
-                        ("orig_duration", "ephys_duration")]),
+                        ("duration", "ephys_duration")]),
         (ephys, crop, [("raw_file", "raw_file")]),
         (parcellate, crop, [("timeseries_tsv", "fmri_timeseries")]),
         (align, crop, [("alignment_json", "alignment_json")]),

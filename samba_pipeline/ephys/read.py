@@ -19,7 +19,11 @@ import mne_bids
 import numpy as np
 from mne_bids.config import ALLOWED_DATATYPE_EXTENSIONS
 
-from samba_pipeline.errors import SambaInputError, SambaMissingInputError, SambaUsageError
+from samba_pipeline.errors import (
+    SambaInputError,
+    SambaMissingInputError,
+    SambaUsageError,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -38,8 +42,7 @@ _SFREQ_ATOL = 1e-2
 def _strip_prefix(label: str | None, prefix: str) -> str | None:
     if label is None:
         return None
-    label = str(label)
-    return label[len(prefix) :] if label.startswith(prefix) else label
+    return str(label).removeprefix(prefix)
 
 
 def find_ephys_files(
@@ -106,7 +109,7 @@ def _sidecar_json(bids_path: mne_bids.BIDSPath) -> Path | None:
         sidecar = bids_path.find_matching_sidecar(
             suffix=suffix, extension=".json", on_error="ignore"
         )
-    except Exception:  # noqa: BLE001 - a missing or ambiguous sidecar is not fatal here
+    except (RuntimeError, OSError, ValueError):  # ambiguous sidecars: not fatal here
         return None
     return None if sidecar is None else Path(sidecar)
 
@@ -171,14 +174,16 @@ def read_ephys(bids_path: mne_bids.BIDSPath) -> mne.io.BaseRaw:
             raise
         except SambaInputError:
             raise
-        except Exception as err:  # noqa: BLE001 - any reader failure is a data problem
+        except Exception as err:  # any reader failure is a data problem
             msg = " ".join(str(err).split()) or type(err).__name__
             raise SambaInputError(
                 f"cannot read EEG/MEG recording ({type(err).__name__}: {msg[:300]})",
                 path=fpath,
             ) from err
     for item in caught:
-        LOGGER.warning("%s: %s", fpath.name, " ".join(str(item.message).split()))
+        relevant = issubclass(item.category, (RuntimeWarning, UserWarning))
+        level = logging.WARNING if relevant else logging.DEBUG
+        LOGGER.log(level, "%s: %s", fpath.name, " ".join(str(item.message).split()))
 
     data_picks = mne.pick_types(raw.info, meg=True, eeg=True, ref_meg=False, exclude=[])
     if len(data_picks) == 0:

@@ -17,7 +17,7 @@ Two loaders give the same columns, in the same order, with the same values:
 Both fill the first row of derivative columns (``n/a`` in fMRIPrep's output) with the second
 row, as nilearn does, and subtract each column's mean.
 
-Non-steady-state volumes flagged by fMRIPrep (``non_steady_state_outlier_XX``) are regressed out
+Non-steady-state volumes flagged by fMRIPrep (``non_steady_state_outlierXX``) are regressed out
 with their one-hot columns (``non_steady_state="regress"``, the default except for ``"none"``)
 rather than removed, for the same time-alignment reason.
 """
@@ -158,7 +158,7 @@ def select_confounds(
     n_volumes
         Number of BOLD volumes the confounds must match (read from ``bold_file`` if None).
     non_steady_state
-        ``"regress"``: add fMRIPrep's ``non_steady_state_outlier_XX`` one-hot columns as
+        ``"regress"``: add fMRIPrep's ``non_steady_state_outlierXX`` one-hot columns as
         regressors (not for strategy ``"none"``); ``"ignore"``: leave them out. Either way the
         volumes are listed in the QC.
     loader
@@ -243,7 +243,12 @@ def select_confounds(
     use_nilearn = loader == "nilearn" or (
         loader == "auto" and located and _is_fmriprep_bold(bold_file)
     )
-    if loader == "nilearn" and (bold_file is None or not _is_fmriprep_bold(bold_file)):
+    if loader == "nilearn" and (
+        bold_file is None
+        or not _is_fmriprep_bold(bold_file)
+        or Path(find_confounds_file(bold_file, must_exist=False)).resolve()
+        != confounds_file.resolve()
+    ):
         raise SambaInputError(
             "the nilearn confound loader needs a BOLD file named "
             "'..._desc-preproc_bold.nii.gz' next to its confounds file",

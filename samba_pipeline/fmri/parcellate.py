@@ -160,8 +160,7 @@ def parcellate_bold(
     used = (coverage >= min_coverage) & (n_inside > 0)
     if not used.any():
         raise SambaInputError(
-            f"no parcel reaches min_coverage={min_coverage} (best coverage "
-            f"{coverage.max():.2f})",
+            f"no parcel reaches min_coverage={min_coverage} (best coverage {coverage.max():.2f})",
             path=atlas_path,
         )
     low = [names[i] for i in np.flatnonzero(~used)]
@@ -324,7 +323,7 @@ def _load_img(img, what):
             raise SambaMissingInputError(f"{what} not found", path=path)
         try:
             return nib.load(path), path
-        except Exception as exc:  # noqa: BLE001 - nibabel raises many types
+        except Exception as exc:
             raise SambaInputError(f"cannot read the {what} ({exc})", path=path) from exc
     if isinstance(img, nib.spatialimages.SpatialImage):
         return img, img.get_filename()
@@ -364,23 +363,19 @@ def _load_label_table(labels):
             raise SambaMissingInputError("atlas label table not found", path=path)
         try:
             labels = pd.read_csv(path, sep="\t")
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise SambaInputError(f"cannot read the atlas label table ({exc})", path=path) from exc
     if not isinstance(labels, pd.DataFrame):
         raise SambaInputError("atlas labels must be a DataFrame or a path to a dseg.tsv")
     path = path or labels.attrs.get("path")
     missing = [c for c in ("index", "name") if c not in labels.columns]
     if missing:
-        raise SambaInputError(
-            f"atlas label table lacks column(s) {', '.join(missing)}", path=path
-        )
+        raise SambaInputError(f"atlas label table lacks column(s) {', '.join(missing)}", path=path)
     if labels.empty:
         raise SambaInputError("atlas label table has no rows", path=path)
     idx = pd.to_numeric(labels["index"], errors="coerce").to_numpy(dtype=float)
     if not np.isfinite(idx).all() or not np.array_equal(idx, np.rint(idx)) or (idx <= 0).any():
-        raise SambaInputError(
-            "atlas label table 'index' must hold positive integers", path=path
-        )
+        raise SambaInputError("atlas label table 'index' must hold positive integers", path=path)
     dup = labels["index"][labels["index"].duplicated()].tolist()
     if dup:
         raise SambaInputError(f"atlas label table repeats index value(s) {dup[:10]}", path=path)
@@ -428,9 +423,7 @@ def _check_bounding_boxes(bold, atlas, atlas_data, bold_path, atlas_path) -> Non
     nz = np.nonzero(atlas_data)
     if nz[0].size == 0:
         raise SambaInputError("atlas image holds no labels (all zero)", path=atlas_path)
-    a_lo, a_hi = _world_bbox(
-        atlas.affine, [n.min() for n in nz], [n.max() for n in nz]
-    )
+    a_lo, a_hi = _world_bbox(atlas.affine, [n.min() for n in nz], [n.max() for n in nz])
     b_lo, b_hi = _world_bbox(bold.affine, [0, 0, 0], np.asarray(bold.shape[:3]) - 1)
     inter = np.clip(np.minimum(a_hi, b_hi) - np.maximum(a_lo, b_lo), 0, None).prod()
     smaller = min((a_hi - a_lo).prod(), (b_hi - b_lo).prod())
@@ -452,15 +445,17 @@ def _resample_nearest(img, ref):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return resample_to_img(img, ref, interpolation="nearest", force_resample=True,
-                               copy_header=True)
+        return resample_to_img(
+            img, ref, interpolation="nearest", force_resample=True, copy_header=True
+        )
 
 
 def _check_confounds(confounds, n_vols, path):
     if confounds is None:
         return None
-    arr = np.asarray(confounds.to_numpy() if isinstance(confounds, pd.DataFrame) else confounds,
-                     dtype=float)
+    arr = np.asarray(
+        confounds.to_numpy() if isinstance(confounds, pd.DataFrame) else confounds, dtype=float
+    )
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2:

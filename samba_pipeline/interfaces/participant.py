@@ -39,6 +39,7 @@ class _PreprocessEphysOutputSpec(TraitedSpec):
     n_samples = traits.Int(desc="samples after preprocessing")
     orig_sfreq = traits.Float()
     orig_duration = traits.Float(desc="duration of the original recording (s)")
+    duration = traits.Float(desc="duration of the preprocessed recording (n_samples / sfreq)")
 
 
 class PreprocessEphys(SimpleInterface):
@@ -66,6 +67,7 @@ class PreprocessEphys(SimpleInterface):
         raw_file = Path(runtime.cwd) / "preproc_raw.fif"
         clean.save(raw_file, overwrite=True, verbose="error")
         report = dict(report)
+        scores = pd.DataFrame(report.pop("channel_scores", None) or [])
         report.update(orig_sfreq=orig_sfreq, orig_duration=orig_duration,
                       source=str(self.inputs.ephys_file))
         self._results["report_json"] = str(write_json(Path(runtime.cwd) / "report.json", report))
@@ -77,10 +79,17 @@ class PreprocessEphys(SimpleInterface):
             "status": ["bad" if ch in bads else "good" for ch in raw.ch_names],
             "status_description": [bads.get(ch, "n/a") for ch in raw.ch_names],
         })
+        if not scores.empty:
+            key = next((c for c in ("name", "channel", "ch_name") if c in scores.columns), None)
+            if key is not None:
+                scores = scores.rename(columns={key: "name"})
+                extra = [c for c in scores.columns if c not in channels.columns]
+                channels = channels.merge(scores[["name", *extra]], on="name", how="left")
         self._results["channels_tsv"] = str(write_tsv(Path(runtime.cwd) / "channels.tsv", channels))
         self._results.update(raw_file=str(raw_file), sfreq=float(clean.info["sfreq"]),
                              n_samples=int(clean.n_times), orig_sfreq=orig_sfreq,
-                             orig_duration=float(orig_duration))
+                             orig_duration=float(orig_duration),
+                             duration=float(clean.n_times / clean.info["sfreq"]))
         return runtime
 
 
@@ -176,21 +185,16 @@ class AlignRuns(SimpleInterface):
 
     def _run_interface(self, runtime):
         from samba_pipeline.align import estimate_alignment, find_volume_triggers, make_windows
-        from samba_pipeline.errors import SambaInputError
 
         events = read_tsv(self.inputs.events_tsv)
+        source = self.inputs.ephys_file or None
         triggers = find_volume_triggers(events["onset"].to_numpy(float),
                                         events["description"].astype(str).to_numpy(),
-                                        names=tuple(self.inputs.volume_trigger))
-        try:
-            alignment = estimate_alignment(
-                triggers, self.inputs.n_volumes, self.inputs.repetition_time,
-                self.inputs.ephys_duration, self.inputs.ephys_sfreq,
-            )
-        except SambaInputError as exc:
-            if exc.path is None and self.inputs.ephys_file:
-                raise SambaInputError(exc.message, path=self.inputs.ephys_file) from None
-            raise
+                                        names=tuple(self.inputs.volume_trigger), path=source)
+        alignment = estimate_alignment(
+            triggers, self.inputs.n_volumes, self.inputs.repetition_time,
+            self.inputs.ephys_duration, self.inputs.ephys_sfreq, ephys_file=source,
+        )
         windows = make_windows(alignment["n_volumes_kept"], self.inputs.repetition_time,
                                self.inputs.ephys_sfreq, lengths_s=tuple(self.inputs.window_lengths))
         alignment = dict(alignment)

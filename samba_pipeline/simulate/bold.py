@@ -92,12 +92,15 @@ def hemodynamic_response(
 def simulate_motion(rng: np.random.Generator, n_volumes: int, first_valid: int) -> tuple[np.ndarray, list]:
     """Six rigid-body parameters (trans_x/y/z in mm, rot_x/y/z in rad), shape (n_volumes, 6).
 
-    Slow, smooth drifts (a few tenths of a mm, a few thousandths of a radian) plus 2-4 events,
-    each either a one-volume spike or a step, never in the first ``first_valid + 2`` volumes.
+    Very slow drifts (about 0.1-0.2 mm, 0.002 rad; periods of minutes), small volume-to-volume
+    jitter (respiration-induced apparent motion, ~0.02 mm, 0.0003 rad) and 2-4 events, each
+    either a one-volume spike or a step, never in the first ``first_valid + 2`` volumes. Mean
+    framewise displacement is about 0.1-0.2 mm, as in cooperative adults.
     """
-    slow = slow_process(rng, 6, n_volumes, 1.0, band=(0.002, 0.08))
-    slow *= np.array([0.12, 0.2, 0.25, 0.002, 0.0015, 0.0015])[:, None]
-    motion = slow.T.copy()
+    slow = slow_process(rng, 6, n_volumes, 1.0, band=(0.001, 0.01))
+    slow *= np.array([0.1, 0.15, 0.2, 0.002, 0.0015, 0.0015])[:, None]
+    jitter = rng.standard_normal((6, n_volumes)) * np.array([0.01, 0.02, 0.025, 3e-4, 2e-4, 2e-4])[:, None]
+    motion = (slow + jitter).T.copy()
     events = []
     n_events = int(rng.integers(2, 5))
     candidates = np.arange(first_valid + 2, max(first_valid + 3, n_volumes - 1))
@@ -290,8 +293,12 @@ def _compcor(
     y = y - x @ beta
     sd = y.std(0)
     y = y[:, sd > 0] / sd[sd > 0]
-    u, s, _ = np.linalg.svd(y, full_matrices=False)
-    # fix the arbitrary SVD sign so that results are reproducible
+    # left singular vectors and singular values from the (small) time-by-time Gram matrix
+    w, u = np.linalg.eigh(y @ y.T)
+    order = np.argsort(w)[::-1]
+    s = np.sqrt(np.clip(w[order], 0.0, None))
+    u = u[:, order]
+    # fix the arbitrary sign so that results are reproducible
     signs = np.sign(u[np.abs(u).argmax(0), np.arange(u.shape[1])])
     u = u * signs
     comps = np.zeros((ts.shape[0], n_comp))

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import fft as sp_fft
 
 #: Frequency bands (Hz) of the simulated oscillations.
 BAND_NAMES = ("alpha", "beta", "gamma")
@@ -78,13 +79,27 @@ def pink_spectrum(freqs: np.ndarray, f_min: float = 0.5) -> np.ndarray:
     return 1.0 / np.maximum(freqs, f_min)
 
 
+def _shaped_noise(rng: np.random.Generator, n_series: int, n_samples: int, d: float, gain_fn) -> np.ndarray:
+    """White Gaussian noise shaped by the amplitude response ``gain_fn(freqs)``, unit variance.
+
+    The noise is generated on a fast FFT length (>= n_samples) and cropped.
+    """
+    n_fft = sp_fft.next_fast_len(n_samples, real=True)
+    freqs = np.fft.rfftfreq(n_fft, d)
+    spec = sp_fft.rfft(rng.standard_normal((n_series, n_fft)), axis=-1)
+    spec *= gain_fn(freqs)
+    return _unit_variance(sp_fft.irfft(spec, n=n_fft, axis=-1)[:, :n_samples])
+
+
 def pink_noise(rng: np.random.Generator, n_series: int, n_samples: int, sfreq: float) -> np.ndarray:
     """Unit-variance 1/f noise, shape (n_series, n_samples)."""
-    freqs = np.fft.rfftfreq(n_samples, 1.0 / sfreq)
-    spec = np.fft.rfft(rng.standard_normal((n_series, n_samples)), axis=-1)
-    gain = np.sqrt(pink_spectrum(freqs))
-    gain[0] = 0.0
-    return _unit_variance(np.fft.irfft(spec * gain, n=n_samples, axis=-1))
+
+    def gain(freqs):
+        g = np.sqrt(pink_spectrum(freqs))
+        g[0] = 0.0
+        return g
+
+    return _shaped_noise(rng, n_series, n_samples, 1.0 / sfreq, gain)
 
 
 def band_gain(freqs: np.ndarray, band, taper_hz: float = 1.0) -> np.ndarray:
@@ -103,22 +118,22 @@ def bandlimited_noise(
     rng: np.random.Generator, n_series: int, n_samples: int, sfreq: float, band
 ) -> np.ndarray:
     """Unit-variance Gaussian noise limited to ``band`` (Hz): a random-phase oscillation."""
-    freqs = np.fft.rfftfreq(n_samples, 1.0 / sfreq)
-    spec = np.fft.rfft(rng.standard_normal((n_series, n_samples)), axis=-1)
-    return _unit_variance(np.fft.irfft(spec * band_gain(freqs, band), n=n_samples, axis=-1))
+    return _shaped_noise(rng, n_series, n_samples, 1.0 / sfreq, lambda f: band_gain(f, band))
 
 
 def slow_process(
     rng: np.random.Generator, n_series: int, n_times: int, dt: float, band=ENV_BAND
 ) -> np.ndarray:
     """Unit-variance slow Gaussian process (smooth band-pass between band[0] and band[1] Hz)."""
-    freqs = np.fft.rfftfreq(n_times, dt)
     f_lo, f_hi = band
-    with np.errstate(divide="ignore"):
-        gain = 1.0 / np.sqrt(1.0 + (f_lo / freqs) ** 2) / np.sqrt(1.0 + (freqs / f_hi) ** 8)
-    gain[0] = 0.0
-    spec = np.fft.rfft(rng.standard_normal((n_series, n_times)), axis=-1)
-    return _unit_variance(np.fft.irfft(spec * gain, n=n_times, axis=-1))
+
+    def gain(freqs):
+        with np.errstate(divide="ignore"):
+            g = 1.0 / np.sqrt(1.0 + (f_lo / freqs) ** 2) / np.sqrt(1.0 + (freqs / f_hi) ** 8)
+        g[0] = 0.0
+        return g
+
+    return _shaped_noise(rng, n_series, n_times, dt, gain)
 
 
 def simulate_neural(

@@ -1,0 +1,617 @@
+"""Write the offline demo dataset: BIDS raw EEG-fMRI, fMRIPrep-like derivatives, atlases, truth.
+
+The layout and the ground-truth keys are fixed by docs/dataflow.md, section 1. Everything is
+deterministic for a seed: every random stream is ``numpy.random.default_rng([seed, subject,
+stream])``, so subject 1 is the same whatever the number of subjects, and every date written is
+fixed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from samba_pipeline.__about__ import __version__
+from samba_pipeline.errors import SambaOutputError, SambaUsageError
+from samba_pipeline.simulate import bold as bold_mod
+from samba_pipeline.simulate import eeg as eeg_mod
+from samba_pipeline.simulate.atlas import ATLAS_NAME, TEMPLATE, DemoAtlas, build_demo_atlas
+from samba_pipeline.simulate.neural import (
+    BAND_NAMES,
+    BANDS,
+    LOG_POWER_SD,
+    interp_rows,
+    simulate_neural,
+)
+
+LOGGER = logging.getLogger("samba_pipeline.simulate")
+
+BIDS_VERSION = "1.10.0"
+TASK = "rest"
+LINE_FREQ = 50.0
+SPACE = TEMPLATE
+DEFAULT_COARSE_PARCELS = 20
+DEFAULT_FINE_PARCELS = 50
+NON_STEADY_STATE_VOLUMES = 2
+TRIGGER = "R128"
+TRIGGER_CODE = 128
+MEAS_DATE = dt.datetime(2024, 1, 1, 9, 0, 0, tzinfo=dt.timezone.utc)
+#: Random stream ids (the third entry of the seed sequence).
+_STREAM = {"timing": 1, "neural": 2, "head": 3, "sensor": 4, "hrf": 5, "motion": 6, "voxels": 7,
+           "participant": 8}
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    subjects: int = 2
+    minutes: float = 5.0
+    seed: int = 42
+    resolution_mm: float = 4.0
+    eeg_channels: int = 32
+    eeg_sfreq: float = 500.0
+    tr: float = 2.0
+    coarse_parcels: int = DEFAULT_COARSE_PARCELS
+    fine_parcels: int = DEFAULT_FINE_PARCELS
+    non_steady_state_volumes: int = NON_STEADY_STATE_VOLUMES
+
+    @property
+    def n_volumes(self) -> int:
+        return int(round(self.minutes * 60.0 / self.tr))
+
+    def check(self) -> None:
+        if self.subjects < 1:
+            raise SambaUsageError(f"--subjects must be at least 1, got {self.subjects}")
+        if not 0.5 <= self.tr <= 10.0:
+            raise SambaUsageError(f"--tr must be between 0.5 and 10 s, got {self.tr}")
+        if self.eeg_sfreq < 200.0 or self.eeg_sfreq > 20000.0:
+            raise SambaUsageError(f"--eeg-sfreq must be between 200 and 20000 Hz, got {self.eeg_sfreq}")
+        if self.minutes <= 0 or self.n_volumes < self.non_steady_state_volumes + 20:
+            raise SambaUsageError(
+                f"--minutes {self.minutes} gives {self.n_volumes} volumes at TR {self.tr} s; "
+                f"at least {self.non_steady_state_volumes + 20} are needed"
+            )
+        if self.non_steady_state_volumes < 0:
+            raise SambaUsageError("non_steady_state_volumes must be >= 0")
+
+
+def _rng(seed: int, subject: int, stream: str) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(subject), _STREAM[stream]])
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=4, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_tsv(path: Path, table: pd.DataFrame) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, sep="\t", index=False, na_rep="n/a", lineterminator="\n")
+
+
+def _save_nifti(img: nib.Nifti1Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+
+
+def _bold_image(data: np.ndarray, atlas: DemoAtlas, tr: float, xform_code: int) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(data, atlas.affine)
+    hdr = img.header
+    hdr.set_xyzt_units("mm", "sec")
+    zooms = (float(atlas.resolution_mm),) * 3 + (float(tr),)
+    hdr.set_zooms(zooms[: data.ndim])
+    hdr.set_qform(atlas.affine, code=xform_code)
+    hdr.set_sform(atlas.affine, code=xform_code)
+    hdr.set_slope_inter(1.0, 0.0)
+    return img
+
+
+def _prepare_dir(path: Path, marker: str, overwrite: bool, what: str) -> None:
+    """Create ``path``; refuse a non-empty one unless ``overwrite`` (then clear it)."""
+    if path.exists() and not path.is_dir():
+        raise SambaOutputError(f"{what} exists and is not a directory", path)
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise SambaOutputError(
+                f"{what} is not empty; choose an empty or new directory, or pass --overwrite", path
+            )
+        if not (path / marker).exists():
+            raise SambaOutputError(
+                f"{what} is not empty and does not look like a samba-bids demo output "
+                f"(no {marker}); refusing to delete it even with --overwrite", path
+            )
+        LOGGER.info("Overwriting %s", path)
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def default_truth_dir(outdir: Path) -> Path:
+    outdir = Path(outdir).resolve()
+    return outdir.parent / f"{outdir.name}_groundtruth"
+
+
+# --- atlas derivative --------------------------------------------------------------------------
+
+
+def atlas_paths(root: Path, atlas: DemoAtlas) -> dict[str, Path]:
+    base = Path(root) / "derivatives" / "atlases" / f"tpl-{TEMPLATE}"
+    out = {}
+    for kind, n in (("coarse", atlas.n_coarse), ("fine", atlas.n_fine)):
+        stem = atlas.file_stem(n)
+        out[f"{kind}_nifti"] = base / f"{stem}.nii.gz"
+        out[f"{kind}_tsv"] = base / f"{stem}.tsv"
+    return out
+
+
+def write_atlas_derivative(root: Path, atlas: DemoAtlas) -> dict[str, Path]:
+    adir = Path(root) / "derivatives" / "atlases"
+    _write_json(
+        adir / "dataset_description.json",
+        {
+            "Name": "DemoNested demo atlas pair (samba-bids demo)",
+            "BIDSVersion": BIDS_VERSION,
+            "DatasetType": "derivative",
+            "License": "CC0",
+            "GeneratedBy": [{"Name": "samba-bids-demo", "Version": __version__}],
+        },
+    )
+    _write_json(
+        adir / f"atlas-{ATLAS_NAME}_description.json",
+        {
+            "Name": ATLAS_NAME,
+            "Description": (
+                "Demo atlas pair for the samba-bids demo data: k-means clusters of cortical "
+                "gray-matter voxels of nilearn's MNI152 gray-matter template, assigned to 7 "
+                "networks by a fixed spatial rule; the fine parcels are nested in the coarse "
+                "ones. Not a published parcellation; do not use for research."
+            ),
+            "Authors": ["samba-bids developers"],
+            "License": "CC0",
+            "SpatialReference": {"res": atlas.res_label, "template": TEMPLATE},
+            "Scales": [atlas.n_coarse, atlas.n_fine],
+        },
+    )
+    paths = atlas_paths(root, atlas)
+    for kind, table, labels in (
+        ("coarse", atlas.coarse_table, atlas.coarse),
+        ("fine", atlas.fine_table, atlas.fine),
+    ):
+        _save_nifti(atlas.image(labels), paths[f"{kind}_nifti"])
+        _write_tsv(paths[f"{kind}_tsv"], table)
+    return paths
+
+
+# --- one subject -------------------------------------------------------------------------------
+
+
+def _bids_path(root: Path, sub: str):
+    import mne_bids
+
+    return mne_bids.BIDSPath(subject=sub, task=TASK, datatype="eeg", root=root)
+
+
+def _write_eeg(root: Path, sub: str, data: np.ndarray, head, sfreq: float,
+               trigger_samples: np.ndarray, meas_date: dt.datetime) -> Path:
+    import mne
+    import mne_bids
+
+    info = mne.create_info(head.ch_names, sfreq, "eeg")
+    with mne.utils.use_log_level("error"):
+        raw = mne.io.RawArray(data, info, verbose="error")
+        raw.set_montage(head.montage)
+        raw.set_meas_date(meas_date)
+        raw.info["line_freq"] = LINE_FREQ
+        raw.set_annotations(
+            mne.Annotations(
+                onset=trigger_samples / sfreq,
+                duration=np.zeros(len(trigger_samples)),
+                description=[TRIGGER] * len(trigger_samples),
+                orig_time=meas_date,
+            )
+        )
+        bids_path = _bids_path(root, sub)
+        mne_bids.write_raw_bids(
+            raw, bids_path, format="BrainVision", allow_preload=True, overwrite=True,
+            event_id={TRIGGER: TRIGGER_CODE}, verbose="error",
+        )
+    eeg_dir = root / f"sub-{sub}" / "eeg"
+    stem = f"sub-{sub}_task-{TASK}"
+    # Brain Products writes the volume marker as a "Response" marker "R128"
+    vmrk = eeg_dir / f"{stem}_eeg.vmrk"
+    text = vmrk.read_text(encoding="utf-8")
+    vmrk.write_text(text.replace(f"Stimulus,S{TRIGGER_CODE},", f"Response,{TRIGGER},"), encoding="utf-8")
+    sidecar = eeg_dir / f"{stem}_eeg.json"
+    meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    meta.update(
+        {
+            "TaskDescription": (
+                "Simulated eyes-open rest during simultaneous EEG-fMRI (samba-bids demo). The "
+                "EEG is given as after MR gradient and ballistocardiogram correction."
+            ),
+            "InstitutionName": "n/a (simulated)",
+            "Manufacturer": "n/a (simulated by samba-bids-demo)",
+            "EEGReference": eeg_mod.REFERENCE,
+            "EEGGround": f"{eeg_mod.GROUND}",
+            "CapManufacturer": "n/a",
+            "SoftwareFilters": "n/a",
+            "HardwareFilters": "n/a",
+        }
+    )
+    _write_json(sidecar, meta)
+    return eeg_dir
+
+
+def simulate_subject(
+    index: int,
+    settings: DemoSettings,
+    atlas: DemoAtlas,
+    head,
+    bids_root: Path,
+    truth_dir: Path,
+) -> dict:
+    """Simulate and write one subject; returns the truth JSON dict."""
+    sub = f"{index:02d}"
+    seed = settings.seed
+    sfreq = float(settings.eeg_sfreq)
+    tr = float(settings.tr)
+    n_vol = settings.n_volumes
+    nss = settings.non_steady_state_volumes
+    t_start = time.perf_counter()
+
+    # --- timing ---------------------------------------------------------------------------
+    rng = _rng(seed, index, "timing")
+    offset_sample = int(round(rng.uniform(3.0, 10.0) * sfreq))
+    trigger_samples = offset_sample + np.round(np.arange(n_vol) * tr * sfreq).astype(np.int64)
+    tail_s = rng.uniform(3.0, 6.0)
+    n_samples = int(trigger_samples[-1] + round(tr * sfreq) + round(tail_s * sfreq))
+    offset_s = offset_sample / sfreq
+    onsets = trigger_samples / sfreq
+
+    # --- neural sources and EEG -------------------------------------------------------------
+    networks = list(atlas.coarse_table["network"])
+    neural = simulate_neural(_rng(seed, index, "neural"), networks, n_samples, sfreq)
+    brain = head.gain @ neural.sources
+    scale = eeg_mod.TARGET_BRAIN_UV * 1e-6 / float(np.median(brain.std(axis=1)))
+    brain *= scale
+    sources_am = neural.sources * scale
+    neural.sources = None  # free memory
+    bad_kind = "noisy" if index % 2 == 1 else "flat"
+    artefacts = eeg_mod.add_sensor_artefacts(
+        _rng(seed, index, "sensor"), brain, head, sfreq, LINE_FREQ, bad_kind
+    )
+    eeg = brain
+    meas_date = MEAS_DATE + dt.timedelta(days=index - 1)
+    eeg_dir = _write_eeg(bids_root, sub, eeg, head, sfreq, trigger_samples, meas_date)
+    del eeg, brain
+    LOGGER.info("sub-%s: EEG %d channels x %d samples (%.1f s) written", sub, len(head.ch_names),
+                n_samples, n_samples / sfreq)
+
+    # --- hemodynamics ---------------------------------------------------------------------
+    band_power = neural.band_power_at(onsets) * scale**2  # (A·m)^2
+    z_env = neural.log_power / LOG_POWER_SD
+    drive = np.einsum("b,cbt->ct", bold_mod.COUPLING, z_env)
+    rng_hrf = _rng(seed, index, "hrf")
+    hrf = bold_mod.draw_hrf_parameters(rng_hrf, atlas.n_fine)
+    amp = rng_hrf.uniform(0.6, 1.4, atlas.n_fine)  # BOLD amplitude, percent signal change
+    response = bold_mod.hemodynamic_response(drive, hrf, atlas.fine_to_coarse)
+    y = interp_rows(neural.env_times, response, onsets).T  # (n_vol, n_fine)
+    y = (y - y.mean(0)) / y.std(0)
+    bold_clean = y * amp[None, :]
+    bold_clean -= bold_clean.mean(0)
+
+    motion, motion_events = bold_mod.simulate_motion(_rng(seed, index, "motion"), n_vol, nss)
+    vols = bold_mod.synthesize_volumes(
+        _rng(seed, index, "voxels"), atlas, bold_clean, motion, motion_events, nss
+    )
+    confounds, confounds_meta = bold_mod.make_confounds(vols, motion, tr)
+
+    # raw BOLD
+    func = bids_root / f"sub-{sub}" / "func"
+    stem = f"sub-{sub}_task-{TASK}"
+    _save_nifti(_bold_image(vols.raw, atlas, tr, xform_code=1), func / f"{stem}_bold.nii.gz")
+    _write_json(
+        func / f"{stem}_bold.json",
+        {
+            "TaskName": TASK,
+            "RepetitionTime": tr,
+            "EchoTime": 0.03,
+            "FlipAngle": 90,
+            "MagneticFieldStrength": 3,
+            "Manufacturer": "n/a (simulated by samba-bids-demo)",
+            "TaskDescription": "Simulated eyes-open rest during simultaneous EEG-fMRI.",
+        },
+    )
+    # fMRIPrep-like derivatives
+    fdir = bids_root / "derivatives" / "fmriprep" / f"sub-{sub}" / "func"
+    prep = f"{stem}_space-{SPACE}_desc-preproc_bold"
+    _save_nifti(_bold_image(vols.preproc, atlas, tr, xform_code=4), fdir / f"{prep}.nii.gz")
+    _write_json(
+        fdir / f"{prep}.json",
+        {
+            "TaskName": TASK,
+            "RepetitionTime": tr,
+            "SkullStripped": False,
+            "Sources": [f"bids:raw:sub-{sub}/func/{stem}_bold.nii.gz"],
+        },
+    )
+    mask_img = _bold_image(vols.brain_mask.astype(np.uint8), atlas, tr, xform_code=4)
+    _save_nifti(mask_img, fdir / f"{stem}_space-{SPACE}_desc-brain_mask.nii.gz")
+    _write_json(fdir / f"{stem}_space-{SPACE}_desc-brain_mask.json", {"Type": "Brain"})
+    _write_tsv(fdir / f"{stem}_desc-confounds_timeseries.tsv", confounds)
+    _write_json(fdir / f"{stem}_desc-confounds_timeseries.json", confounds_meta)
+    del vols
+
+    # scans.tsv: add the BOLD run, acquired offset_s after the EEG started
+    scans = bids_root / f"sub-{sub}" / f"sub-{sub}_scans.tsv"
+    table = pd.read_csv(scans, sep="\t", dtype=str, keep_default_na=False)
+    bold_time = (meas_date + dt.timedelta(seconds=offset_s)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    table = pd.concat(
+        [table, pd.DataFrame({"filename": [f"func/{stem}_bold.nii.gz"], "acq_time": [bold_time]})],
+        ignore_index=True,
+    ).sort_values("filename", kind="stable")
+    _write_tsv(scans, table)
+
+    # --- ground truth -----------------------------------------------------------------------
+    tdir = truth_dir / f"sub-{sub}"
+    tdir.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        tdir / f"{stem}_truth.npz",
+        neural=sources_am,
+        neural_sfreq=np.float64(sfreq),
+        band_power=band_power,
+        bands=BANDS.copy(),
+        coupling=bold_mod.COUPLING.copy(),
+        bold_clean=bold_clean,
+        hrf_peak_s=hrf["hrf_peak_s"],
+        hrf_undershoot_s=hrf["hrf_undershoot_s"],
+        hrf_dispersion=hrf["hrf_dispersion"],
+        fine_to_coarse=atlas.fine_to_coarse.copy(),
+        volume_onsets_s=onsets,
+        motion=motion,
+        # extras
+        volume_samples=trigger_samples,
+        bold_amplitude=amp,
+        log_band_power_z=neural.log_power_z_at(onsets),
+        gain=head.gain,
+        dipole_pos=head.dipole_pos,
+        dipole_ori=head.dipole_ori,
+        dipole_parcel=head.dipole_parcel,
+        blink_onsets_s=artefacts.blink_onsets_s,
+    )
+    truth = {
+        "subject": sub,
+        "offset_s": offset_s,
+        "tr": tr,
+        "n_volumes": n_vol,
+        "eeg_sfreq": sfreq,
+        "bad_channels": [artefacts.bad_channel],
+        "bad_channel_kind": {artefacts.bad_channel: artefacts.bad_kind},
+        "line_freq": LINE_FREQ,
+        "n_eeg_samples": n_samples,
+        "eeg_duration_s": n_samples / sfreq,
+        "eeg_channels": list(head.ch_names),
+        "eeg_reference": eeg_mod.REFERENCE,
+        "eeg_ground": eeg_mod.GROUND,
+        "first_volume_sample": int(trigger_samples[0]),
+        "non_steady_state_volumes": nss,
+        "band_names": list(BAND_NAMES),
+        "coupling": dict(zip(BAND_NAMES, map(float, bold_mod.COUPLING))),
+        "motion_events": motion_events,
+        "source_scale_am": scale,
+        "units": {
+            "neural": "A·m",
+            "band_power": "(A·m)^2",
+            "bold_clean": "percent signal change",
+            "gain": "V/(A·m)",
+            "motion": "mm (trans_*), rad (rot_*)",
+            "dipole_pos": "m, head coordinates",
+        },
+        "files": {
+            "eeg": str((eeg_dir / f"{stem}_eeg.vhdr").relative_to(bids_root)),
+            "bold": f"sub-{sub}/func/{stem}_bold.nii.gz",
+            "preproc_bold": str((fdir / f"{prep}.nii.gz").relative_to(bids_root)),
+        },
+    }
+    _write_json(tdir / f"{stem}_truth.json", truth)
+    LOGGER.info("sub-%s: done in %.1f s (bad channel %s, %s)", sub, time.perf_counter() - t_start,
+                artefacts.bad_channel, bad_kind)
+    return truth
+
+
+# --- dataset-level files ---------------------------------------------------------------------
+
+
+def _write_dataset_files(root: Path, settings: DemoSettings, truth_dir: Path) -> None:
+    _write_json(
+        root / "dataset_description.json",
+        {
+            "Name": "samba-bids demo: simulated simultaneous EEG-fMRI at rest",
+            "BIDSVersion": BIDS_VERSION,
+            "DatasetType": "raw",
+            "License": "CC0",
+            "Authors": ["samba-bids developers"],
+            "GeneratedBy": [
+                {
+                    "Name": "samba-bids-demo",
+                    "Version": __version__,
+                    "Description": f"Simulated with seed {settings.seed}",
+                }
+            ],
+        },
+    )
+    readme = f"""# samba-bids demo dataset
+
+Simulated simultaneous EEG-fMRI ("rest" task) written by `samba-bids-demo` {__version__}
+(seed {settings.seed}). This is synthetic data for testing samba-bids; it contains no data from
+any person and must not be used for research.
+
+- EEG: {settings.eeg_channels} channels at {settings.eeg_sfreq:g} Hz, BrainVision, reference
+  {eeg_mod.REFERENCE}. Sources are coarse DemoNested parcels projected through a sphere-model
+  lead field (MNE). The recording holds the usual artefacts (drift, {LINE_FREQ:g} Hz line noise,
+  blinks, one bad channel) but is given as after MR artefact correction. Every fMRI volume has
+  a scanner trigger "{TRIGGER}" in the events.
+- fMRI: TR {settings.tr:g} s, {settings.n_volumes} volumes, {settings.resolution_mm:g} mm grid in
+  {TEMPLATE} space; the first {settings.non_steady_state_volumes} volumes are non-steady-state.
+  `derivatives/fmriprep` holds fMRIPrep-like outputs (preprocessed BOLD, brain mask, confounds).
+- `derivatives/atlases` holds the DemoNested demo atlas pair (coarse for EEG, fine for fMRI).
+
+The ground truth (sources, band power, noise-free BOLD, HRFs, bad channels) is kept outside the
+BIDS folder, in `{truth_dir.name}/`.
+"""
+    (root / "README").write_text(readme, encoding="utf-8")
+    (root / "CHANGES").write_text(
+        f"1.0.0 {MEAS_DATE.date().isoformat()}\n"
+        f"  - Simulated by samba-bids-demo {__version__} (seed {settings.seed}).\n",
+        encoding="utf-8",
+    )
+    rng = _rng(settings.seed, 0, "participant")
+    subs = [f"sub-{i:02d}" for i in range(1, settings.subjects + 1)]
+    participants = pd.DataFrame(
+        {
+            "participant_id": subs,
+            "age": rng.integers(20, 41, len(subs)),
+            "sex": rng.choice(["M", "F"], len(subs)),
+            "handedness": rng.choice(["R", "R", "R", "L"], len(subs)),
+        }
+    )
+    _write_tsv(root / "participants.tsv", participants)
+    _write_json(
+        root / "participants.json",
+        {
+            "participant_id": {"Description": "Unique participant identifier"},
+            "age": {"Description": "Age of the simulated participant", "Units": "year"},
+            "sex": {"Description": "Sex of the simulated participant",
+                    "Levels": {"M": "male", "F": "female"}},
+            "handedness": {"Description": "Handedness of the simulated participant",
+                           "Levels": {"R": "right", "L": "left"}},
+        },
+    )
+    _write_json(
+        root / "derivatives" / "fmriprep" / "dataset_description.json",
+        {
+            "Name": "fMRIPrep-like outputs of the samba-bids demo",
+            "BIDSVersion": BIDS_VERSION,
+            "DatasetType": "derivative",
+            "GeneratedBy": [
+                {
+                    "Name": "samba-bids-demo (fMRIPrep-like)",
+                    "Version": __version__,
+                    "Description": "Simulated; the demo BOLD is generated in template space.",
+                }
+            ],
+            "DatasetLinks": {"raw": "../../"},
+        },
+    )
+
+
+# --- public API ----------------------------------------------------------------------------
+
+
+def generate_demo_dataset(
+    outdir,
+    *,
+    subjects: int = 2,
+    minutes: float = 5.0,
+    seed: int = 42,
+    resolution_mm: float = 4.0,
+    eeg_channels: int = 32,
+    eeg_sfreq: float = 500.0,
+    tr: float = 2.0,
+    coarse_parcels: int = DEFAULT_COARSE_PARCELS,
+    fine_parcels: int = DEFAULT_FINE_PARCELS,
+    truth_dir=None,
+    overwrite: bool = False,
+    non_steady_state_volumes: int = NON_STEADY_STATE_VOLUMES,
+) -> tuple[Path, Path]:
+    """Write the demo dataset to ``outdir`` and its ground truth beside it.
+
+    Returns ``(bids_root, truth_dir)`` (absolute paths). See docs/dataflow.md, section 1.
+    Raises :class:`~samba_pipeline.errors.SambaOutputError` (exit code 73) for a non-empty
+    ``outdir`` without ``overwrite`` and :class:`~samba_pipeline.errors.SambaUsageError` for
+    settings out of range.
+    """
+    settings = DemoSettings(
+        subjects=int(subjects), minutes=float(minutes), seed=int(seed),
+        resolution_mm=float(resolution_mm), eeg_channels=int(eeg_channels),
+        eeg_sfreq=float(eeg_sfreq), tr=float(tr), coarse_parcels=int(coarse_parcels),
+        fine_parcels=int(fine_parcels), non_steady_state_volumes=int(non_steady_state_volumes),
+    )
+    settings.check()
+    ch_names = eeg_mod.choose_channels(settings.eeg_channels)
+    bids_root = Path(outdir).resolve()
+    truth = Path(truth_dir).resolve() if truth_dir is not None else default_truth_dir(bids_root)
+    if truth == bids_root or bids_root in truth.parents:
+        raise SambaUsageError("the ground-truth directory must lie outside the BIDS folder", truth)
+    if truth in bids_root.parents:
+        raise SambaUsageError("the BIDS folder must not lie inside the ground-truth directory", truth)
+    _prepare_dir(bids_root, "dataset_description.json", overwrite, "output directory")
+    _prepare_dir(truth, "simulation.json", overwrite, "ground-truth directory")
+
+    t0 = time.perf_counter()
+    LOGGER.info("Generating the samba-bids demo dataset in %s (truth in %s)", bids_root, truth)
+    atlas = build_demo_atlas(settings.resolution_mm, settings.coarse_parcels,
+                             settings.fine_parcels, settings.seed)
+    apaths = write_atlas_derivative(bids_root, atlas)
+    head = eeg_mod.build_head_model(atlas, ch_names, _rng(settings.seed, 0, "head"))
+
+    subjects_truth = []
+    for i in range(1, settings.subjects + 1):
+        subjects_truth.append(simulate_subject(i, settings, atlas, head, bids_root, truth))
+    _write_dataset_files(bids_root, settings, truth)
+
+    _write_json(
+        truth / "simulation.json",
+        {
+            "generator": "samba-bids-demo",
+            "version": __version__,
+            "settings": asdict(settings),
+            "n_volumes": settings.n_volumes,
+            "bids_root": bids_root.name,
+            "task": TASK,
+            "space": SPACE,
+            "line_freq": LINE_FREQ,
+            "trigger": TRIGGER,
+            "eeg_channels": ch_names,
+            "eeg_reference": eeg_mod.REFERENCE,
+            "bands": {n: list(map(float, b)) for n, b in zip(BAND_NAMES, BANDS)},
+            "coupling": dict(zip(BAND_NAMES, map(float, bold_mod.COUPLING))),
+            "hrf_model": (
+                "h(t) = G(t; peak/d + 1, d) - G(t; undershoot/d + 1, d) / 6, G = gamma pdf with "
+                "shape and scale d (dispersion); drive = sum_b coupling_b * z-scored log band "
+                "power of the coarse parent; bold_clean = amplitude * standardised (h * drive) "
+                "at the volume onsets (percent signal change)"
+            ),
+            "atlas": {
+                "name": ATLAS_NAME,
+                "template": TEMPLATE,
+                "resolution_mm": atlas.resolution_mm,
+                "n_coarse": atlas.n_coarse,
+                "n_fine": atlas.n_fine,
+                "coarse": str(apaths["coarse_nifti"].relative_to(bids_root)),
+                "fine": str(apaths["fine_nifti"].relative_to(bids_root)),
+            },
+            "head_model": {
+                "type": "sphere (mne.make_sphere_model fitted to the electrodes)",
+                "r0_m": [float(v) for v in head.sphere_r0],
+                "head_radius_m": head.sphere_radius,
+                "inner_skull_radius_m": head.inner_skull_radius,
+                "source_scale": head.source_scale,
+                "dipoles_per_parcel": eeg_mod.DIPOLES_PER_PARCEL,
+                "orientation": "radial, fixed",
+            },
+            "subjects": [
+                {k: t[k] for k in ("subject", "offset_s", "bad_channels", "n_volumes")}
+                for t in subjects_truth
+            ],
+        },
+    )
+    LOGGER.info("Demo dataset written in %.1f s", time.perf_counter() - t0)
+    return bids_root, truth
