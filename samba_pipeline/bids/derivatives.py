@@ -188,6 +188,16 @@ def _first_version(desc: dict) -> str | None:
     return None
 
 
+_README = """# samba-bids derivatives
+
+Written by samba-bids {version}: preprocessed and parcellated EEG/MEG and fMRI time series on one
+timeline, their connectivity graphs (``*_relmat.tsv``), the alignment of each EEG/MEG-fMRI pair
+(``*_alignment.json``), the model-window index (``*_windows.tsv``) and the atlases used
+(``sourcedata/atlases``). ``dataset_description.json`` records the inputs and the configuration
+hash; ``sub-*/log/<run>/samba-bids.toml`` holds the options of each run.
+"""
+
+
 class ConfigurationMismatch(SambaOutputError):
     """The output folder holds results of another samba-bids configuration."""
 
@@ -222,4 +232,6 @@ def initialise_output_dir(output_dir: str | os.PathLike, description: dict[str, 
         if existing != json.loads(json.dumps(_jsonable(description))):
             write_json(desc_file, description)
         write_text(out / ".bidsignore", spec_path("bidsignore").read_text())
+        if not (out / "README.md").is_file():
+            write_text(out / "README.md", _README.format(version=__version__))
         write_bytes(out / "layout_config.json", spec_path("samba_bids_config.json").read_bytes())

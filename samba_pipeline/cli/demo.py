@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coarse-parcels", type=_positive_int, default=DEFAULT_COARSE_PARCELS,
                    help=f"coarse (EEG) parcels, >= 14 (default {DEFAULT_COARSE_PARCELS})")
     p.add_argument("--fine-parcels", type=_positive_int, default=DEFAULT_FINE_PARCELS,
-                   help=f"fine (fMRI) parcels, >= coarse (default {DEFAULT_FINE_PARCELS})")
+                   help=f"fine (fMRI) parcels, > coarse (default {DEFAULT_FINE_PARCELS})")
     p.add_argument("--truth-dir", default=None,
                    help="where to write the ground truth (default OUTDIR_groundtruth)")
     p.add_argument("--overwrite", action="store_true",

@@ -50,7 +50,34 @@ def validate_input(settings: Settings) -> None:
     LOGGER.info("BIDS validation passed (%d warnings)", len(result.warnings))
 
 
-def inspect_pair(pair: RunPair, layout=None) -> dict:
+def check_volume_triggers(pair: RunPair, names: list[str]) -> int:
+    """The EEG/MEG events must hold scanner volume triggers (checked before anything runs)."""
+    from samba_pipeline.align import find_volume_triggers
+    from samba_pipeline.bids.derivatives import read_tsv
+
+    events = Path(re.sub(r"_(eeg|meg)\.[a-z]+$", "_events.tsv", pair.ephys_file))
+    if not events.is_file():
+        raise SambaMissingInputError(
+            "no events.tsv beside the recording: the scanner volume triggers are needed to align "
+            "EEG/MEG and fMRI", path=events)
+    try:
+        table = read_tsv(events)
+    except Exception as exc:
+        raise SambaInputError(f"cannot read the events table: {exc}", path=events) from None
+    column = next((c for c in ("trial_type", "value", "description") if c in table.columns), None)
+    if "onset" not in table.columns or column is None:
+        raise SambaInputError("events table needs 'onset' and 'trial_type' (or 'value') columns",
+                              path=events)
+    triggers = find_volume_triggers(table["onset"].to_numpy(float), table[column].astype(str).to_numpy(),
+                                    names=tuple(names), path=events)
+    if triggers.size == 0:
+        raise SambaInputError(
+            f"no scanner volume triggers ({', '.join(names)}) among the events; they are needed to "
+            "align EEG/MEG and fMRI (name yours with --volume-trigger)", path=events)
+    return int(triggers.size)
+
+
+def inspect_pair(pair: RunPair, layout=None, trigger_names: list[str] | None = None) -> dict:
     """Facts the workflow needs from each pair (TR, volumes, sizes), with early input checks."""
     bold = Path(pair.bold_file)
     try:
@@ -62,6 +89,8 @@ def inspect_pair(pair: RunPair, layout=None) -> dict:
         raise SambaInputError(f"BOLD series must be 4-D with several volumes, shape is {shape}", path=bold)
     tr = _repetition_time(pair, layout)
     n_volumes = int(shape[-1])
+    if trigger_names is not None:
+        check_volume_triggers(pair, trigger_names)
     if pair.confounds_file:
         n_rows = _count_rows(Path(pair.confounds_file))
         if n_rows != n_volumes:
@@ -165,7 +194,8 @@ def run_participant(settings: Settings) -> None:
                "fmri": resolve_atlas(settings.workflow.fmri_atlas)}
     LOGGER.log(IMPORTANT, "Atlases: EEG/MEG %s; fMRI %s", atlases["ephys"].spec.label(),
                atlases["fmri"].spec.label())
-    facts = {pair.name: inspect_pair(pair, layout) for pair in report.pairs}
+    facts = {pair.name: inspect_pair(pair, layout, settings.workflow.volume_trigger)
+             for pair in report.pairs}
 
     initialise_output_dir(settings.output_dir, dataset_description(
         config_hash=settings.configuration_hash(), bids_dir=settings.bids_dir,

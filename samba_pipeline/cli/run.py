@@ -45,8 +45,30 @@ def setup_logging(verbosity: int) -> None:
     ncfg.set("logging", "interface_level", "WARNING" if verbosity < 2 else "DEBUG")
     ncfg.set("logging", "utils_level", "WARNING")
     nlogging.update_logging(ncfg)
+    if verbosity < 2:
+        for name in ("nipype.workflow", "nipype.interface"):
+            flt = _ShortNipypeErrors()
+            logging.getLogger(name).filters[:] = [f for f in logging.getLogger(name).filters
+                                                  if not isinstance(f, _ShortNipypeErrors)]
+            logging.getLogger(name).addFilter(flt)
     for name in ("mne", "mne_bids"):
         logging.getLogger(name).setLevel(logging.ERROR if verbosity < 2 else logging.INFO)
+
+
+class _ShortNipypeErrors(logging.Filter):
+    """At default verbosity, Nipype's node-crash records lose their tracebacks.
+
+    The user gets samba-bids' one-line error at the end; the full traceback stays in the crash
+    file (and is shown with -vv).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            message = record.getMessage()
+            if "Traceback" in message or "\n" in message:
+                first = message.strip().splitlines()[0]
+                record.msg, record.args = first, ()
+        return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -214,9 +214,9 @@ def build_demo_atlas(
             f"--coarse-parcels must be at least {2 * len(NETWORKS)} (7 networks per hemisphere), "
             f"got {coarse_parcels}"
         )
-    if fine_parcels < coarse_parcels:
+    if fine_parcels <= coarse_parcels:
         raise SambaUsageError(
-            f"--fine-parcels ({fine_parcels}) must be at least --coarse-parcels ({coarse_parcels})"
+            f"--fine-parcels ({fine_parcels}) must be larger than --coarse-parcels ({coarse_parcels})"
         )
 
     LOGGER.info("Building the DemoNested atlas pair at %d mm (%d/%d parcels)",

@@ -114,23 +114,34 @@ def _bold_image(data: np.ndarray, atlas: DemoAtlas, tr: float, xform_code: int) 
     return img
 
 
-def _prepare_dir(path: Path, marker: str, overwrite: bool, what: str) -> None:
-    """Create ``path``; refuse a non-empty one unless ``overwrite`` (then clear it)."""
+def _is_demo_output(path: Path, marker: str) -> bool:
+    """Whether ``path`` holds an earlier samba-bids-demo output (safe to delete)."""
+    try:
+        meta = json.loads((path / marker).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if marker == "dataset_description.json":
+        names = [g.get("Name") for g in meta.get("GeneratedBy", []) if isinstance(g, dict)]
+        return "samba-bids-demo" in names
+    return meta.get("generator") == "samba-bids-demo"
+
+
+def _check_dir(path: Path, marker: str, overwrite: bool, what: str) -> bool:
+    """Check that ``path`` can be written; returns whether it must be cleared first."""
     if path.exists() and not path.is_dir():
         raise SambaOutputError(f"{what} exists and is not a directory", path)
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise SambaOutputError(
-                f"{what} is not empty; choose an empty or new directory, or pass --overwrite", path
-            )
-        if not (path / marker).exists():
-            raise SambaOutputError(
-                f"{what} is not empty and does not look like a samba-bids demo output "
-                f"(no {marker}); refusing to delete it even with --overwrite", path
-            )
-        LOGGER.info("Overwriting %s", path)
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if not (path.is_dir() and any(path.iterdir())):
+        return False
+    if not overwrite:
+        raise SambaOutputError(
+            f"{what} is not empty; choose an empty or new directory, or pass --overwrite", path
+        )
+    if not _is_demo_output(path, marker):
+        raise SambaOutputError(
+            f"{what} is not empty and is not an earlier samba-bids-demo output (see its "
+            f"{marker}); refusing to delete it even with --overwrite", path
+        )
+    return True
 
 
 def default_truth_dir(outdir: Path) -> Path:
@@ -429,7 +440,7 @@ def simulate_subject(
 # --- dataset-level files ---------------------------------------------------------------------
 
 
-def _write_dataset_files(root: Path, settings: DemoSettings, truth_dir: Path) -> None:
+def _write_raw_description(root: Path, settings: DemoSettings) -> None:
     _write_json(
         root / "dataset_description.json",
         {
@@ -447,6 +458,10 @@ def _write_dataset_files(root: Path, settings: DemoSettings, truth_dir: Path) ->
             ],
         },
     )
+
+
+def _write_dataset_files(root: Path, settings: DemoSettings, truth_dir: Path) -> None:
+    _write_raw_description(root, settings)
     readme = f"""# samba-bids demo dataset
 
 Simulated simultaneous EEG-fMRI ("rest" task) written by `samba-bids-demo` {__version__}
@@ -552,8 +567,27 @@ def generate_demo_dataset(
         raise SambaUsageError("the ground-truth directory must lie outside the BIDS folder", truth)
     if truth in bids_root.parents:
         raise SambaUsageError("the BIDS folder must not lie inside the ground-truth directory", truth)
-    _prepare_dir(bids_root, "dataset_description.json", overwrite, "output directory")
-    _prepare_dir(truth, "simulation.json", overwrite, "ground-truth directory")
+    clear = [
+        path
+        for path, marker, what in (
+            (bids_root, "dataset_description.json", "output directory"),
+            (truth, "simulation.json", "ground-truth directory"),
+        )
+        if _check_dir(path, marker, overwrite, what)
+    ]
+    for path in clear:
+        LOGGER.info("Overwriting %s", path)
+        shutil.rmtree(path)
+    for path in (bids_root, truth):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SambaOutputError(f"cannot create directory: {err.strerror}", path) from err
+
+    # mark both folders as demo outputs at once, so that --overwrite can clear a partial run
+    _write_raw_description(bids_root, settings)
+    _write_json(truth / "simulation.json", {"generator": "samba-bids-demo", "version": __version__,
+                                             "settings": asdict(settings), "complete": False})
 
     t0 = time.perf_counter()
     LOGGER.info("Generating the samba-bids demo dataset in %s (truth in %s)", bids_root, truth)
@@ -573,6 +607,7 @@ def generate_demo_dataset(
             "generator": "samba-bids-demo",
             "version": __version__,
             "settings": asdict(settings),
+            "complete": True,
             "n_volumes": settings.n_volumes,
             "bids_root": bids_root.name,
             "task": TASK,

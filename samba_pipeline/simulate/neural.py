@@ -6,8 +6,8 @@ by the EEG module)::
     s_c(t) = b_c(t) + sum_b sqrt(P_cb(t)) * x_cb(t)
 
 * ``b_c`` is 1/f ("pink") background activity with unit variance;
-* ``x_cb`` is unit-variance band-limited noise in band ``b`` (alpha, beta, gamma), i.e. an
-  oscillation with a random phase;
+* ``x_cb`` is unit-variance Gaussian noise with the spectral shape of band ``b`` (alpha and beta
+  peaks, broadband gamma), i.e. an oscillation with a random phase;
 * ``P_cb(t) = P0_cb * exp(L_cb(t) - sigma^2 / 2)`` is the band's power envelope. The log-power
   process ``L_cb = sigma * (sqrt(rho) * g_{network(c), b} + sqrt(1 - rho) * e_cb)`` is a slow
   Gaussian process (time scales ~5-40 s: the frequencies BOLD can follow) with a component
@@ -24,9 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import fft as sp_fft
 
-#: Frequency bands (Hz) of the simulated oscillations.
+#: Frequency bands (Hz) of the simulated oscillations. Alpha and beta are spectral peaks
+#: (Gaussian power profile at the band centre, +-2 SD = the band); gamma is broadband (a
+#: plateau over the band with raised-cosine edges 4 Hz wide).
 BAND_NAMES = ("alpha", "beta", "gamma")
 BANDS = np.array([[8.0, 12.0], [15.0, 25.0], [40.0, 60.0]])
+BAND_SHAPES = ("peak", "peak", "plateau")
 #: Mean in-band power of each oscillation relative to the 1/f background's power in that band.
 BAND_SNR = np.array([5.0, 2.5, 2.5])
 #: Extra factor on BAND_SNR for the networks where the rhythm is strongest at rest.
@@ -102,23 +105,32 @@ def pink_noise(rng: np.random.Generator, n_series: int, n_samples: int, sfreq: f
     return _shaped_noise(rng, n_series, n_samples, 1.0 / sfreq, gain)
 
 
-def band_gain(freqs: np.ndarray, band, taper_hz: float = 1.0) -> np.ndarray:
-    """Amplitude response of a band-pass with raised-cosine edges of ``taper_hz``."""
+def band_gain(freqs: np.ndarray, band, shape: str = "plateau", taper_hz: float = 4.0) -> np.ndarray:
+    """Amplitude response of an oscillation's spectral shape over ``band`` (Hz).
+
+    ``"peak"``: Gaussian power profile centred on the band, SD a quarter of the band width;
+    ``"plateau"``: flat over the band with raised-cosine edges ``taper_hz`` wide, centred on the
+    band edges.
+    """
     lo, hi = band
+    if shape == "peak":
+        centre, sd = 0.5 * (lo + hi), 0.25 * (hi - lo)
+        return np.exp(-((freqs - centre) ** 2) / (4.0 * sd**2))  # power: exp(-x^2 / 2 sd^2)
+    half = 0.5 * taper_hz
     g = np.zeros_like(freqs)
-    g[(freqs >= lo) & (freqs <= hi)] = 1.0
-    up = (freqs > lo - taper_hz) & (freqs < lo)
-    g[up] = 0.5 * (1 - np.cos(np.pi * (freqs[up] - (lo - taper_hz)) / taper_hz))
-    down = (freqs > hi) & (freqs < hi + taper_hz)
-    g[down] = 0.5 * (1 + np.cos(np.pi * (freqs[down] - hi) / taper_hz))
+    g[(freqs >= lo + half) & (freqs <= hi - half)] = 1.0
+    up = (freqs > lo - half) & (freqs < lo + half)
+    g[up] = 0.5 * (1 - np.cos(np.pi * (freqs[up] - (lo - half)) / taper_hz))
+    down = (freqs > hi - half) & (freqs < hi + half)
+    g[down] = 0.5 * (1 + np.cos(np.pi * (freqs[down] - (hi - half)) / taper_hz))
     return g
 
 
 def bandlimited_noise(
-    rng: np.random.Generator, n_series: int, n_samples: int, sfreq: float, band
+    rng: np.random.Generator, n_series: int, n_samples: int, sfreq: float, band, shape: str = "plateau"
 ) -> np.ndarray:
-    """Unit-variance Gaussian noise limited to ``band`` (Hz): a random-phase oscillation."""
-    return _shaped_noise(rng, n_series, n_samples, 1.0 / sfreq, lambda f: band_gain(f, band))
+    """Unit-variance Gaussian noise with the spectral ``shape`` over ``band`` (Hz)."""
+    return _shaped_noise(rng, n_series, n_samples, 1.0 / sfreq, lambda f: band_gain(f, band, shape))
 
 
 def slow_process(
@@ -166,14 +178,14 @@ def simulate_neural(
     bg[0] = 0.0
     base_power = np.empty((n_coarse, n_bands))
     for b, (name, band) in enumerate(zip(BAND_NAMES, BANDS)):
-        frac = (bg * band_gain(freqs, band) ** 2).sum() / bg.sum()
+        frac = (bg * band_gain(freqs, band, BAND_SHAPES[b]) ** 2).sum() / bg.sum()
         gains = np.array([BAND_SNR_NETWORK_GAIN[name].get(n, 1.0) for n in networks])
         base_power[:, b] = BAND_SNR[b] * frac * gains
 
     t = np.arange(n_samples) / sfreq
     sources = pink_noise(rng, n_coarse, n_samples, sfreq)
     for b, band in enumerate(BANDS):
-        carrier = bandlimited_noise(rng, n_coarse, n_samples, sfreq, band)
+        carrier = bandlimited_noise(rng, n_coarse, n_samples, sfreq, band, BAND_SHAPES[b])
         logp = interp_rows(env_times, log_power[:, b, :], t)
         amp = np.sqrt(base_power[:, b, None] * np.exp(logp - LOG_POWER_SD**2 / 2))
         sources += amp * carrier
