@@ -184,6 +184,12 @@ def estimate_alignment(
     if not np.isfinite(trig).all():
         raise SambaInputError("volume trigger onsets contain NaN/Inf", path=ephys_file)
     outside = (trig < 0) | (trig > ephys_duration)
+    if outside.all() and trig.size:
+        raise SambaInputError(
+            f"EEG/MEG and fMRI do not overlap in time: all {trig.size} volume triggers "
+            f"({trig[0]:g}-{trig[-1]:g} s) lie outside the recording [0, {ephys_duration:g}] s",
+            path=ephys_file,
+        )
     if outside.any():
         warn.append(
             f"{int(outside.sum())} volume trigger(s) lie outside the ephys recording "

@@ -317,8 +317,8 @@ def test_neurovascular_coupling_is_real(demo_dataset):
         # 2) with the canonical SPM HRF (time to peak ~5 s) the parcels' HRFs (peaks 4-7 s)
         #    are mismatched by up to 2 s; for envelope periods of 6-40 s this costs a part of
         #    the correlation, which stays well above chance (|r| < 0.25 for 90 volumes).
-        #    Measured medians are ~0.85 (coupled combination) and ~0.75 (gamma alone); the
-        #    thresholds leave room for other seeds.
+        #    Measured medians over seeds 1-6 and the default seed: 0.85-0.91 (coupled
+        #    combination) and 0.76-0.81 (gamma alone); the thresholds leave room for other seeds.
         h = spm_hrf(tr, oversampling=1)
         pred = signal.lfilter(h, 1.0, combined, axis=0)
         assert np.median(_corr(pred[10:], bold[10:])) > 0.6
@@ -347,8 +347,9 @@ def test_bold_voxels_carry_the_clean_signal(demo_dataset):
         # Signal: 0.6-1.4 % per parcel. Noise in a parcel mean (a few hundred voxels): thermal
         # 1 %/sqrt(n) ~ 0.07 %, four smooth physiological components (~0.2 % each in gray
         # matter), 0.25 % global signal, residual motion and spin-history dips at motion
-        # events: noise/signal std ~ 0.5, so r ~ 1/sqrt(1 + 0.25) ~ 0.9 (measured median
-        # ~0.89). Threshold 0.7 on the median, and every parcel clearly positive.
+        # events: noise/signal std ~ 0.5, so r ~ 1/sqrt(1 + 0.25) ~ 0.9 (measured medians
+        # 0.83-0.90 and minima 0.54-0.75 over seeds 1-6). Threshold 0.7 on the median, and
+        # every parcel clearly positive (> 0.4).
         assert np.median(r) > 0.7
         assert r.min() > 0.4
         # and the first volumes show the non-steady-state transient

@@ -61,6 +61,11 @@ class PreprocessEphys(SimpleInterface):
         orig_sfreq = float(raw.info["sfreq"])
         orig_duration = raw.n_times / orig_sfreq
         events = pd.DataFrame({"onset": onsets, "description": descriptions})
+        bids_events = _bids_events(self.inputs.ephys_file)
+        if bids_events is not None:
+            # events.tsv is authoritative (mne-bids drops events outside the recording, which
+            # would hide a timing problem from the alignment).
+            events = bids_events
         self._results["events_tsv"] = str(write_tsv(Path(runtime.cwd) / "events.tsv", events))
 
         clean, report = preprocess_raw(raw, settings)
@@ -91,6 +96,20 @@ class PreprocessEphys(SimpleInterface):
                              orig_duration=float(orig_duration),
                              duration=float(clean.n_times / clean.info["sfreq"]))
         return runtime
+
+
+def _bids_events(ephys_file: str) -> pd.DataFrame | None:
+    import re
+
+    path = Path(re.sub(r"_(eeg|meg)\.[a-z]+$", "_events.tsv", str(ephys_file)))
+    if not path.is_file() or path == Path(ephys_file):
+        return None
+    table = read_tsv(path)
+    column = next((c for c in ("trial_type", "value", "description") if c in table.columns), None)
+    if "onset" not in table.columns or column is None:
+        return None
+    return pd.DataFrame({"onset": table["onset"].astype(float),
+                         "description": table[column].astype(str)})
 
 
 def _bad_reasons(report: dict) -> dict[str, str]:

@@ -137,6 +137,7 @@ class BoldVolumes:
     csf_mask: np.ndarray
     baseline: np.ndarray  # (X, Y, Z)
     n_non_steady: int
+    brain_ts: np.ndarray  # (T, n_brain) preprocessed data of the brain-mask voxels (C order)
 
 
 def synthesize_volumes(
@@ -224,19 +225,24 @@ def synthesize_volumes(
     raw_in = data - motion_term
     del data, motion_term
 
-    # background: Rayleigh noise outside the brain (integer valued, as from a scanner)
-    raw = np.empty(shape + (n_vol,), dtype=np.int16)
-    preproc = np.empty(shape + (n_vol,), dtype=np.float32)
-    out_mask = ~mask
-    n_out = int(out_mask.sum())
+    # Fill the 4D images (Fortran order, as NIfTI stores them: fast to write) volume by volume;
+    # outside the brain: Rayleigh noise (integer valued, as from a scanner), same in both.
+    raw = np.empty(shape + (n_vol,), dtype=np.int16, order="F")
+    preproc = np.empty(shape + (n_vol,), dtype=np.float32, order="F")
+    raw2d = raw.reshape(-1, n_vol, order="F")  # views
+    pre2d = preproc.reshape(-1, n_vol, order="F")
+    in_idx = np.ravel_multi_index(np.nonzero(mask), shape, order="F")  # C-order mask voxels
+    out_idx = np.flatnonzero(~mask.ravel(order="F"))
     for k in range(n_vol):
-        bg = np.round(rng.rayleigh(BACKGROUND_SIGMA, n_out)).astype(np.float32)
-        vol = np.empty(shape, dtype=np.float32)
-        vol[out_mask] = bg
-        vol[mask] = preproc_in[k]
-        preproc[..., k] = vol
-        vol[mask] = np.round(raw_in[k])
-        raw[..., k] = np.clip(vol, -32768, 32767).astype(np.int16)
+        expo = rng.standard_exponential(len(out_idx), dtype=np.float32)
+        bg = np.round(BACKGROUND_SIGMA * np.sqrt(2.0 * expo))
+        col = pre2d[:, k]
+        col[out_idx] = bg
+        col[in_idx] = preproc_in[k]
+        rcol = raw2d[:, k]
+        rcol[out_idx] = bg.astype(np.int16)
+        rcol[in_idx] = np.clip(np.round(raw_in[k]), -32768, 32767).astype(np.int16)
+    del raw_in
 
     wm_mask = ndimage.binary_erosion(atlas.wm > 0.9) & mask
     if wm_mask.sum() < 20:
@@ -250,6 +256,7 @@ def synthesize_volumes(
         csf_mask=csf_mask,
         baseline=base,
         n_non_steady=n_non_steady,
+        brain_ts=preproc_in,
     )
 
 
@@ -312,10 +319,9 @@ def make_confounds(
     """fMRIPrep-named confounds table and sidecar for the preprocessed run."""
     n_vol = vols.preproc.shape[-1]
     nss = vols.n_non_steady
-    flat = vols.preproc.reshape(-1, n_vol)
-    brain_ts = flat[vols.brain_mask.ravel()].T  # (n_vol, n_brain)
-    wm_ts = flat[vols.wm_mask.ravel()].T
-    csf_ts = flat[vols.csf_mask.ravel()].T
+    brain_ts = vols.brain_ts  # (n_vol, n_brain)
+    wm_ts = brain_ts[:, vols.wm_mask[vols.brain_mask]]
+    csf_ts = brain_ts[:, vols.csf_mask[vols.brain_mask]]
     basis = cosine_basis(n_vol, tr)
 
     cols: dict[str, np.ndarray] = {}

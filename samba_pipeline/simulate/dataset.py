@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -215,7 +216,7 @@ def _write_eeg(root: Path, sub: str, data: np.ndarray, head, sfreq: float,
     import mne_bids
 
     info = mne.create_info(head.ch_names, sfreq, "eeg")
-    with mne.utils.use_log_level("error"):
+    with mne.utils.use_log_level("error"), warnings.catch_warnings():
         raw = mne.io.RawArray(data, info, verbose="error")
         raw.set_montage(head.montage)
         raw.set_meas_date(meas_date)
@@ -229,6 +230,8 @@ def _write_eeg(root: Path, sub: str, data: np.ndarray, head, sfreq: float,
             )
         )
         bids_path = _bids_path(root, sub)
+        # our dataset_description.json (BIDS 1.10.0) is kept: silence mne-bids' version notice
+        warnings.filterwarnings("ignore", message="Conflicting BIDSVersion", category=UserWarning)
         mne_bids.write_raw_bids(
             raw, bids_path, format="BrainVision", allow_preload=True, overwrite=True,
             event_id={TRIGGER: TRIGGER_CODE}, verbose="error",
