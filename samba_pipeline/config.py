@@ -54,7 +54,7 @@ class AtlasSpec:
         """Interpret a ``--*-atlas`` value: a path when it names a file, else a TemplateFlow atlas."""
         looks_like_path = os.sep in value or value.endswith((".nii", ".nii.gz")) or Path(value).exists()
         if looks_like_path:
-            path = Path(value).expanduser().absolute()
+            path = Path(os.path.normpath(Path(value).expanduser().absolute()))
             return cls(name=None, path=str(path), parcels=parcels, networks=networks, template=template)
         if not re.fullmatch(r"[A-Za-z0-9]+", value):
             raise SambaUsageError(
@@ -241,7 +241,12 @@ class Settings:
         Written to ``GeneratedBy[0].ConfigurationHash`` so that outputs of different
         configurations are never mixed in one output folder (as XCP-D does).
         """
-        payload = {"workflow": dataclasses.asdict(self.workflow), "seed": self.seeds.master}
+        workflow = dataclasses.asdict(self.workflow)
+        for key in ("ephys_atlas", "fmri_atlas"):
+            spec = getattr(self.workflow, key)
+            if spec.path:  # identify a file atlas by its content, not by where it lies
+                workflow[key]["path"] = _file_digest(spec.path)
+        payload = {"workflow": workflow, "seed": self.seeds.master}
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -275,6 +280,13 @@ class Settings:
         # Nipype nodes get their threads explicitly; libraries must not oversubscribe.
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ.setdefault(var, str(self.nipype.resolved_omp_nthreads()))
+
+
+def _file_digest(path: str) -> str:
+    try:
+        return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return str(path)
 
 
 def new_run_uuid() -> str:

@@ -42,7 +42,9 @@ def participant_run(demo_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("participant")
     out, work = root / "out", root / "work"
     before = checksums(bids)
-    proc = run_cli(bids, out, "participant", "-w", work, "--nprocs", "2", *demo_atlas_args(bids))
+    # The demo writes a --config-file that points at its atlases (what `make demo` uses).
+    proc = run_cli(bids, out, "participant", "-w", work, "--nprocs", "2",
+                   "--config-file", truth / "samba-bids-demo.toml")
     assert proc.returncode == 0, proc.stderr[-3000:]
     first_outputs = checksums(out)
     return {"bids": bids, "truth": truth, "out": out, "work": work, "proc": proc,
@@ -124,7 +126,8 @@ def test_bad_channel_found(participant_run):
     out, truth = participant_run["out"], participant_run["truth"]
     for subject in ("01", "02"):
         info = json.loads((truth / f"sub-{subject}" / f"sub-{subject}_task-rest_truth.json").read_text())
-        channels = read_tsv(out / f"sub-{subject}" / "eeg" / f"sub-{subject}_task-rest_desc-preproc_channels.tsv")
+        eeg_dir = out / f"sub-{subject}" / "eeg"
+        channels = read_tsv(eeg_dir / f"sub-{subject}_task-rest_desc-preproc_channels.tsv")
         found = set(channels.loc[channels["status"] == "bad", "name"])
         assert set(info["bad_channels"]) <= found
         assert len(found) <= len(info["bad_channels"]) + 1  # at most one false positive
@@ -157,7 +160,8 @@ def test_parcel_series_track_the_noise_free_bold(participant_run):
 
 def test_rerun_reuses_work_dir_and_gives_identical_outputs(participant_run):
     work = participant_run["work"]
-    results = sorted(work.rglob("result_preprocess_ephys.pklz")) + sorted(work.rglob("result_parcellate_bold.pklz"))
+    results = sorted(work.rglob("result_preprocess_ephys.pklz"))
+    results += sorted(work.rglob("result_parcellate_bold.pklz"))
     assert len(results) == 4
     stamps = {p: p.stat().st_mtime_ns for p in results}
     bids, out = participant_run["bids"], participant_run["out"]

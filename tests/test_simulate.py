@@ -86,7 +86,8 @@ def test_layout_and_truth_contract(demo_dataset):
 
     for sub in SUBJECTS:
         eeg = bids_root / f"sub-{sub}" / "eeg"
-        for suffix in ("eeg.vhdr", "eeg.vmrk", "eeg.eeg", "eeg.json", "channels.tsv", "events.tsv", "events.json"):
+        for suffix in ("eeg.vhdr", "eeg.vmrk", "eeg.eeg", "eeg.json", "channels.tsv", "events.tsv",
+                       "events.json"):
             assert (eeg / f"sub-{sub}_task-rest_{suffix}").is_file(), suffix
         func = bids_root / f"sub-{sub}" / "func"
         assert (func / f"sub-{sub}_task-rest_bold.nii.gz").is_file()
@@ -222,7 +223,7 @@ def test_eeg_is_lead_field_projection_of_sources(demo_dataset):
     good = [i for i, c in enumerate(raw.ch_names) if c not in meta["bad_channels"]]
     brain = (tz["gain"] @ tz["neural"])[good]
     data = raw.get_data()[good]
-    band = dict(sfreq=raw.info["sfreq"], l_freq=30.0, h_freq=45.0, verbose="error")
+    band = {"sfreq": raw.info["sfreq"], "l_freq": 30.0, "h_freq": 45.0, "verbose": "error"}
     r = _corr(mne.filter.filter_data(data, **band).T, mne.filter.filter_data(brain, **band).T)
     # 30-45 Hz holds beta/gamma source power and only white sensor noise (1-2 µV broadband)
     assert np.median(r) > 0.8
@@ -361,7 +362,7 @@ def test_bold_voxels_carry_the_clean_signal(demo_dataset):
 
 
 def test_same_seed_same_files(tmp_path):
-    kwargs = dict(subjects=1, minutes=1.0, seed=7, coarse_parcels=14, fine_parcels=20)
+    kwargs = {"subjects": 1, "minutes": 1.0, "seed": 7, "coarse_parcels": 14, "fine_parcels": 20}
     a_root, a_truth = generate_demo_dataset(tmp_path / "a" / "demo", **kwargs)
     b_root, b_truth = generate_demo_dataset(tmp_path / "b" / "demo", **kwargs)
     ha, hb = _hashes(a_root), _hashes(b_root)
@@ -372,7 +373,7 @@ def test_same_seed_same_files(tmp_path):
     for key in ta:
         np.testing.assert_array_equal(ta[key], tb[key])
     # and another seed gives other data
-    c_root, c_truth = generate_demo_dataset(tmp_path / "c" / "demo", **{**kwargs, "seed": 8})
+    _c_root, c_truth = generate_demo_dataset(tmp_path / "c" / "demo", **{**kwargs, "seed": 8})
     _, tc = _truth(c_truth, "01")
     assert not np.array_equal(ta["bold_clean"], tc["bold_clean"])
 
@@ -388,7 +389,7 @@ def test_bids_validator_finds_no_errors(demo_dataset):
         pytest.skip("bids-validator-deno is not installed (pip install bids-validator-deno)")
     bids_root, _ = demo_dataset
     proc = subprocess.run(
-        [exe, "--format", "json", str(bids_root)], capture_output=True, text=True, timeout=300
+        [exe, "--format", "json", str(bids_root)], check=False, capture_output=True, text=True, timeout=300
     )
     assert proc.stdout.strip(), proc.stderr
     report = json.loads(proc.stdout)

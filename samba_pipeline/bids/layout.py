@@ -118,10 +118,12 @@ def build_layout(settings: Settings):
                 path=fmriprep,
             )
         try:
+            indexer = BIDSLayoutIndexer(validate=False, ignore=_ignore_patterns(settings))
             layout.add_derivatives(str(fmriprep), parent_database_path=None, validate=False,
-                                   indexer=BIDSLayoutIndexer(validate=False, ignore=_ignore_patterns(settings)))
+                                   indexer=indexer)
         except Exception as exc:
-            raise SambaInputError(f"pybids cannot index the fMRIPrep derivatives: {exc}", path=fmriprep) from None
+            raise SambaInputError(f"pybids cannot index the fMRIPrep derivatives: {exc}",
+                                  path=fmriprep) from None
     return layout
 
 
@@ -251,7 +253,8 @@ def _pair_subject(subject, ephys_files, bolds, source, layout, report) -> list[R
         pairs.append(_make_pair(subject, eph, bold, source, layout))
     for bold in bolds:
         if bold.path not in used:
-            report.skipped.append(f"{Path(bold.path).name}: no EEG/MEG recording with the same session/task/run")
+            report.skipped.append(
+                f"{Path(bold.path).name}: no EEG/MEG recording with the same session/task/run")
     return pairs
 
 

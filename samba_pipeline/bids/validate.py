@@ -28,7 +28,8 @@ class ValidationResult:
         parts = []
         for issue in self.errors[:limit]:
             where = issue.get("location") or ""
-            parts.append(f"{issue.get('code', '?')}: {issue.get('issueMessage') or issue.get('subCode') or ''} {where}".strip())
+            text = issue.get("issueMessage") or issue.get("subCode") or ""
+            parts.append(f"{issue.get('code', '?')}: {text} {where}".strip())
         more = len(self.errors) - limit
         if more > 0:
             parts.append(f"... and {more} more")
@@ -57,7 +58,8 @@ def run_validator(dataset: str | Path, *, timeout: float = 600, extra_args: list
     try:
         report = json.loads(proc.stdout)
     except json.JSONDecodeError:
-        return ValidationResult(ran=False, reason=f"unreadable validator output: {proc.stderr.strip()[-300:]}")
+        reason = f"unreadable validator output: {proc.stderr.strip()[-300:]}"
+        return ValidationResult(ran=False, reason=reason)
     issues = report.get("issues", {}).get("issues", [])
     errors = [i for i in issues if i.get("severity") == "error"]
     warnings = [i for i in issues if i.get("severity") == "warning"]

@@ -52,7 +52,10 @@ def _nonneg_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from samba_pipeline.simulate.dataset import DEFAULT_COARSE_PARCELS, DEFAULT_FINE_PARCELS
+    from samba_pipeline.simulate.dataset import (
+        DEFAULT_COARSE_PARCELS,
+        DEFAULT_FINE_PARCELS,
+    )
 
     p = argparse.ArgumentParser(
         prog="samba-bids-demo",

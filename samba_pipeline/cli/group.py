@@ -18,7 +18,7 @@ def run_group(settings: Settings) -> None:
                                    "check_version": False})
     try:
         wf.run(**settings.nipype.get_plugin())
-    except RuntimeError as exc:
+    except RuntimeError:
         from samba_pipeline.cli.run import error_from_crashfiles
 
         err = error_from_crashfiles(settings.log_dir())

@@ -213,7 +213,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--stop-on-first-crash", dest="stop_on_first_crash", action="store_true",
                    default=d(False), help="stop at the first failing node")
     g.add_argument("--config-file", dest="config_file", type=_existing_file, default=d(None),
-                   metavar="FILE", help="TOML file of these options (keys as the long options); "
+                   metavar="FILE", help="TOML file of these options (keys as the long options; relative "
+                   "paths are relative to the file); "
                    "values given on the command line win")
     g.add_argument("--random-seed", dest="random_seed", type=int, default=d(0), metavar="N",
                    help="master random seed")
@@ -237,12 +238,19 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     ephys_table: dict[str, Any] = {}
     if args.config_file:
         file_values, ephys_table = _read_config_file(args.config_file, parser)
+        base = Path(args.config_file).parent
         for dest, value in file_values.items():
             if dest not in explicit:
                 if dest in _PATH_DESTS and value is not None:
-                    value = Path(value).expanduser()
+                    value = base / Path(value).expanduser()
+                elif dest in ("ephys_atlas", "fmri_atlas") and _looks_like_path(str(value)):
+                    value = str(base / Path(value).expanduser())
                 setattr(args, dest, value)
     return settings_from_args(args, ephys_table)
+
+
+def _looks_like_path(value: str) -> bool:
+    return "/" in value or value.endswith((".nii", ".nii.gz"))
 
 
 def _read_config_file(path: Path, parser: argparse.ArgumentParser) -> tuple[dict, dict]:

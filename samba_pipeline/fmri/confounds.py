@@ -405,7 +405,8 @@ def _read_confounds_json(tsv: Path, required: bool) -> dict | None:
         with open(json_path, encoding="utf-8") as fobj:
             meta = json.load(fobj)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SambaInputError(f"confounds JSON sidecar is not valid JSON ({exc})", path=json_path)
+        raise SambaInputError(f"confounds JSON sidecar is not valid JSON ({exc})",
+                              path=json_path) from None
     if not isinstance(meta, dict):
         raise SambaInputError("confounds JSON sidecar is not a JSON object", path=json_path)
     return meta

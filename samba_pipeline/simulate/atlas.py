@@ -21,7 +21,7 @@ Construction (deterministic for a seed):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import nibabel as nib
 import numpy as np
@@ -70,7 +70,6 @@ class DemoAtlas:
     coarse_table: pd.DataFrame
     fine_table: pd.DataFrame
     fine_to_coarse: np.ndarray  # (n_fine,) 0-based coarse index of each fine parcel
-    extra: dict = field(default_factory=dict)
 
     @property
     def n_coarse(self) -> int:
@@ -331,4 +330,4 @@ def _check_resolution(resolution_mm: float) -> int:
         raise SambaUsageError(
             f"--resolution-mm must be a whole number of millimetres between 1 and 9, got {resolution_mm}"
         )
-    return int(round(res))
+    return round(res)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import logging
 import shutil
 import time
@@ -25,7 +26,12 @@ from samba_pipeline.__about__ import __version__
 from samba_pipeline.errors import SambaOutputError, SambaUsageError
 from samba_pipeline.simulate import bold as bold_mod
 from samba_pipeline.simulate import eeg as eeg_mod
-from samba_pipeline.simulate.atlas import ATLAS_NAME, TEMPLATE, DemoAtlas, build_demo_atlas
+from samba_pipeline.simulate.atlas import (
+    ATLAS_NAME,
+    TEMPLATE,
+    DemoAtlas,
+    build_demo_atlas,
+)
 from samba_pipeline.simulate.neural import (
     BAND_NAMES,
     BANDS,
@@ -45,7 +51,7 @@ DEFAULT_FINE_PARCELS = 50
 NON_STEADY_STATE_VOLUMES = 2
 TRIGGER = "R128"
 TRIGGER_CODE = 128
-MEAS_DATE = dt.datetime(2024, 1, 1, 9, 0, 0, tzinfo=dt.timezone.utc)
+MEAS_DATE = dt.datetime(2024, 1, 1, 9, 0, 0, tzinfo=dt.UTC)
 #: Random stream ids (the third entry of the seed sequence).
 _STREAM = {"timing": 1, "neural": 2, "head": 3, "sensor": 4, "hrf": 5, "motion": 6, "voxels": 7,
            "participant": 8}
@@ -66,7 +72,7 @@ class DemoSettings:
 
     @property
     def n_volumes(self) -> int:
-        return int(round(self.minutes * 60.0 / self.tr))
+        return round(self.minutes * 60.0 / self.tr)
 
     def check(self) -> None:
         if self.subjects < 1:
@@ -282,7 +288,7 @@ def simulate_subject(
 
     # --- timing ---------------------------------------------------------------------------
     rng = _rng(seed, index, "timing")
-    offset_sample = int(round(rng.uniform(3.0, 10.0) * sfreq))
+    offset_sample = round(rng.uniform(3.0, 10.0) * sfreq)
     trigger_samples = offset_sample + np.round(np.arange(n_vol) * tr * sfreq).astype(np.int64)
     tail_s = rng.uniform(3.0, 6.0)
     n_samples = int(trigger_samples[-1] + round(tr * sfreq) + round(tail_s * sfreq))
@@ -651,5 +657,25 @@ def generate_demo_dataset(
             ],
         },
     )
+    write_samba_config(truth / DEMO_CONFIG_NAME, apaths["coarse_nifti"], apaths["fine_nifti"])
     LOGGER.info("Demo dataset written in %.1f s", time.perf_counter() - t0)
     return bids_root, truth
+
+
+DEMO_CONFIG_NAME = "samba-bids-demo.toml"
+
+
+def write_samba_config(path: Path, coarse: Path, fine: Path) -> Path:
+    """A ``samba-bids --config-file`` that points the pipeline at the demo atlases."""
+    import tomli_w
+
+    text = (
+        "# samba-bids options for the demo dataset: its atlases are DemoNested (built offline),\n"
+        "# not the default Schaefer2018 from TemplateFlow.\n"
+        "# Relative paths are read relative to this file.\n"
+        + tomli_w.dumps({"ephys_atlas": os.path.relpath(Path(coarse).resolve(), path.parent.resolve()),
+                         "fmri_atlas": os.path.relpath(Path(fine).resolve(), path.parent.resolve())})
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path

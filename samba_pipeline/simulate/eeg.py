@@ -32,13 +32,15 @@ GROUND = "AFz"
 #: Selection order of the electrodes: the first C names are used (always Fp1, Fp2, Cz, Oz).
 #: The first 32 are a standard 32-channel cap, the first 64 a standard 64-channel cap.
 _CAP_32 = (
-    "Fp1 Fp2 Cz Oz F3 F4 C3 C4 P3 P4 O1 O2 F7 F8 T7 T8 P7 P8 Fz Pz FC1 FC2 CP1 CP2 "
-    "FC5 FC6 CP5 CP6 TP9 TP10 PO9 PO10"
-).split()
+    "Fp1", "Fp2", "Cz", "Oz", "F3", "F4", "C3", "C4", "P3", "P4", "O1", "O2", "F7", "F8", "T7",
+    "T8", "P7", "P8", "Fz", "Pz", "FC1", "FC2", "CP1", "CP2", "FC5", "FC6", "CP5", "CP6", "TP9",
+    "TP10", "PO9", "PO10",
+)
 _CAP_64_EXTRA = (
-    "AF7 AF3 AF4 AF8 F5 F1 F2 F6 FT9 FT7 FC3 FC4 FT8 FT10 C5 C1 C2 C6 TP7 CP3 CPz CP4 TP8 "
-    "P5 P1 P2 P6 PO7 PO3 POz PO4 PO8"
-).split()
+    "AF7", "AF3", "AF4", "AF8", "F5", "F1", "F2", "F6", "FT9", "FT7", "FC3", "FC4", "FT8",
+    "FT10", "C5", "C1", "C2", "C6", "TP7", "CP3", "CPz", "CP4", "TP8", "P5", "P1", "P2", "P6",
+    "PO7", "PO3", "POz", "PO4", "PO8",
+)
 _EXCLUDED = {REFERENCE, GROUND, "T3", "T4", "T5", "T6", "M1", "M2", "A1", "A2"}
 BLINK_CHANNELS_PREFIX = ("Fp", "AF", "F")
 
