@@ -177,19 +177,21 @@ def collect_pairs(settings: Settings, layout=None) -> PairingReport:
     fmriprep = settings.fmriprep_dir()
     any_ephys = False
     for subject in subjects:
-        ephys_files = layout.get(scope="raw", subject=subject, datatype=["eeg", "meg"],
-                                 suffix=["eeg", "meg"], extension=EPHYS_EXTENSIONS,
-                                 **base, **_filters(settings, "ephys"))
+        query = dict(datatype=["eeg", "meg"], suffix=["eeg", "meg"], extension=EPHYS_EXTENSIONS, **base)
+        query.update(_filters(settings, "ephys"))  # the user's filters win
+        ephys_files = layout.get(scope="raw", subject=subject, **query)
         any_ephys |= bool(ephys_files)
         bolds = []
         if fmriprep is not None:
-            bolds = layout.get(scope="derivatives", subject=subject, datatype="func", suffix="bold",
-                               desc="preproc", space=settings.workflow.fmri_space,
-                               extension=[".nii.gz", ".nii"], **base, **_filters(settings, "bold"))
+            query = dict(datatype="func", suffix="bold", desc="preproc", space=settings.workflow.fmri_space,
+                         extension=[".nii.gz", ".nii"], **base)
+            query.update(_filters(settings, "bold"))
+            bolds = layout.get(scope="derivatives", subject=subject, **query)
         source = "fmriprep"
         if not bolds and settings.workflow.use_raw_bold:
-            bolds = layout.get(scope="raw", subject=subject, datatype="func", suffix="bold",
-                               extension=[".nii.gz", ".nii"], **base, **_filters(settings, "bold"))
+            query = dict(datatype="func", suffix="bold", extension=[".nii.gz", ".nii"], **base)
+            query.update({k: v for k, v in _filters(settings, "bold").items() if k != "space"})
+            bolds = layout.get(scope="raw", subject=subject, **query)
             source = "raw"
         if not ephys_files:
             report.skipped.append(f"sub-{subject}: no EEG/MEG recording matches the filters")
@@ -204,9 +206,14 @@ def collect_pairs(settings: Settings, layout=None) -> PairingReport:
 
     if not report.pairs:
         if not any_ephys:
+            anywhere = layout.get(scope="raw", datatype=["eeg", "meg"], suffix=["eeg", "meg"],
+                                  extension=EPHYS_EXTENSIONS)
+            if anywhere and (base or settings.execution.bids_filters):
+                raise SambaNoMatchError(
+                    "the session/task/filter selection matched no EEG/MEG recording (the dataset "
+                    f"has {len(anywhere)}: check --session-label, --task-id and --bids-filter-file)")
             raise SambaMissingInputError(
-                "no EEG/MEG recordings found for the selected subjects/sessions/tasks", path=settings.bids_dir
-            )
+                "no EEG/MEG recordings found for the selected subjects", path=settings.bids_dir)
         if fmriprep is None and not settings.workflow.use_raw_bold:
             raise SambaMissingInputError(
                 "no fMRIPrep derivatives found (looked for BIDS_DIR/derivatives/fmriprep); pass "
