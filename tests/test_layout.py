@@ -82,3 +82,20 @@ def test_raw_bold_run_says_so_in_outputs(demo_copy, tmp_path):
     assert "raw BOLD" in meta["BoldSource"] and "no fMRIPrep" in meta["BoldSource"]
     assert meta["Sources"][0].startswith("bids:raw:sub-01/func/")
     assert meta["Confounds"]["strategy"] == "none"
+
+
+def test_inspect_pair_reads_timing_and_estimates_memory(demo_copy, tmp_path):
+    from samba_pipeline.cli.participant import inspect_pair
+
+    bids, truth = demo_copy
+    settings = _settings(bids, tmp_path)
+    report = collect_pairs(settings)
+    facts = inspect_pair(report.pairs[0], report.layout, settings.workflow.volume_trigger)
+    info = json.loads((truth / "sub-01" / "sub-01_task-rest_truth.json").read_text())
+    assert facts["tr"] == 2.0 and facts["n_volumes"] == info["n_volumes"]
+    import nibabel as nb
+
+    shape = nb.load(report.pairs[0].bold_file).shape
+    # Memory is declared from the data size: at least the float32 BOLD series, plus overhead.
+    assert facts["bold_mem_gb"] >= 0.3 + 4 * shape[0] * shape[1] * shape[2] * shape[3] / 1e9
+    assert facts["ephys_mem_gb"] >= 0.5

@@ -141,30 +141,27 @@ def _filters(settings: Settings, query: str) -> dict:
     return flt
 
 
+def _check_labels(labels: list[str], available: list[str], root: Path) -> None:
+    missing = sorted(set(labels) - set(available))
+    if missing:
+        raise SambaNoMatchError(
+            f"participant label(s) {', '.join(missing)} not found in {root} "
+            f"(found: {', '.join(available[:10])}{' ...' if len(available) > 10 else ''}); "
+            "in a container, check the bind mount of the input folder"
+        )
+
+
 def collect_pairs(settings: Settings, layout=None) -> PairingReport:
     """Find the EEG/MEG and fMRI runs to process, honouring every filter in ``settings``."""
     ex = settings.execution
     on_disk = sorted(p.name[4:] for p in settings.bids_dir.glob("sub-*") if p.is_dir())
     if not on_disk:
         raise SambaValidationError("no sub-* folders found: not a BIDS dataset?", path=settings.bids_dir)
-    if ex.participant_label:
-        missing = sorted(set(ex.participant_label) - set(on_disk))
-        if missing:
-            raise SambaNoMatchError(
-                f"participant label(s) {', '.join(missing)} not found in {settings.bids_dir} "
-                f"(found: {', '.join(on_disk[:10])}{' ...' if len(on_disk) > 10 else ''}); "
-                "in a container, check the bind mount of the input folder"
-            )
+    _check_labels(ex.participant_label, on_disk, settings.bids_dir)
     layout = layout or build_layout(settings)
     subjects = sorted(layout.get_subjects(scope="raw"))
     if ex.participant_label:
-        missing = sorted(set(ex.participant_label) - set(subjects))
-        if missing:
-            raise SambaNoMatchError(
-                f"participant label(s) {', '.join(missing)} not found in {settings.bids_dir} "
-                f"(found: {', '.join(subjects[:10])}{' ...' if len(subjects) > 10 else ''}); "
-                "in a container, check the bind mount of the input folder"
-            )
+        _check_labels(ex.participant_label, subjects, settings.bids_dir)
         subjects = [s for s in subjects if s in ex.participant_label]
 
     report = PairingReport(layout=layout)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -115,30 +114,14 @@ def inspect_pair(pair: RunPair, layout=None, trigger_names: list[str] | None = N
 
 
 def _repetition_time(pair: RunPair, layout=None) -> float:
-    candidates = [pair.bold_json] if pair.bold_json else []
-    for path in candidates:
-        try:
-            meta = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SambaInputError(f"cannot read the BOLD sidecar: {exc}", path=path) from None
-        if "RepetitionTime" in meta:
-            return _check_tr(meta["RepetitionTime"], path)
-    if layout is not None:
-        meta = layout.get_file(pair.bold_file).get_metadata() if layout.get_file(pair.bold_file) else {}
-        if "RepetitionTime" in meta:
-            return _check_tr(meta["RepetitionTime"], pair.bold_file)
-    raise SambaInputError("BOLD series has no RepetitionTime in its JSON sidecar",
-                          path=pair.bold_json or pair.bold_file)
+    """RepetitionTime of the BOLD series (pybids metadata, with inheritance, else its sidecar)."""
+    from samba_pipeline.fmri.parcellate import check_repetition_time, read_repetition_time
 
-
-def _check_tr(value, path) -> float:
-    try:
-        tr = float(value)
-    except (TypeError, ValueError):
-        raise SambaInputError(f"RepetitionTime {value!r} is not a number", path=path) from None
-    if not tr > 0:
-        raise SambaInputError(f"RepetitionTime must be positive, not {value!r}", path=path)
-    return tr
+    bold = layout.get_file(pair.bold_file) if layout is not None else None
+    meta = bold.get_metadata() if bold is not None else {}
+    if "RepetitionTime" in meta:
+        return check_repetition_time(meta["RepetitionTime"], pair.bold_json or pair.bold_file)
+    return read_repetition_time(pair.bold_json or pair.bold_file)
 
 
 def _count_rows(path: Path) -> int:

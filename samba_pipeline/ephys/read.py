@@ -181,7 +181,10 @@ def read_ephys(bids_path: mne_bids.BIDSPath) -> mne.io.BaseRaw:
                 path=fpath,
             ) from err
     for item in caught:
-        relevant = issubclass(item.category, (RuntimeWarning, UserWarning))
+        # participants.tsv columns mne-bids does not map into info (e.g. BIDS 'handedness')
+        # are harmless for samba-bids.
+        relevant = issubclass(item.category, (RuntimeWarning, UserWarning)) and not str(
+            item.message).startswith("Unable to map the following column")
         level = logging.WARNING if relevant else logging.DEBUG
         LOGGER.log(level, "%s: %s", fpath.name, " ".join(str(item.message).split()))
 

@@ -90,7 +90,7 @@ def parcellate_bold(
     n_vols = int(bold.shape[3])
     if n_vols < 3:
         raise SambaInputError(f"BOLD series has only {n_vols} volume(s)", path=bold_path)
-    tr = _check_tr(tr, bold_path)
+    tr = check_repetition_time(tr, bold_path)
     standardize = _check_standardize(standardize, bold_path)
     _check_filter(high_pass, low_pass, tr, bold_path)
     if not (0.0 <= float(min_coverage) <= 1.0):
@@ -248,7 +248,7 @@ def read_repetition_time(bold_json_or_img) -> float:
         raise SambaInputError(f"JSON sidecar is not valid JSON ({exc})", path=path) from exc
     if not isinstance(meta, dict) or "RepetitionTime" not in meta:
         raise SambaInputError("JSON sidecar has no RepetitionTime", path=path)
-    return _check_tr(meta["RepetitionTime"], path)
+    return check_repetition_time(meta["RepetitionTime"], path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,10 +268,11 @@ def _tr_from_header(img) -> float:
         tr /= 1000.0
     elif unit == "usec":
         tr /= 1e6
-    return _check_tr(tr, None)
+    return check_repetition_time(tr, None)
 
 
-def _check_tr(tr, path) -> float:
+def check_repetition_time(tr, path) -> float:
+    """A repetition time as a positive float, or a clear error naming ``path``."""
     if tr is None or isinstance(tr, bool):
         raise SambaInputError("repetition time (TR) is missing", path=path)
     try:
