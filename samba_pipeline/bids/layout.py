@@ -151,13 +151,19 @@ def _check_labels(labels: list[str], available: list[str], root: Path) -> None:
         )
 
 
-def collect_pairs(settings: Settings, layout=None) -> PairingReport:
-    """Find the EEG/MEG and fMRI runs to process, honouring every filter in ``settings``."""
-    ex = settings.execution
+def check_participant_labels(settings: Settings) -> list[str]:
+    """Subjects on disk; the requested labels must be among them (cheap, before indexing)."""
     on_disk = sorted(p.name[4:] for p in settings.bids_dir.glob("sub-*") if p.is_dir())
     if not on_disk:
         raise SambaValidationError("no sub-* folders found: not a BIDS dataset?", path=settings.bids_dir)
-    _check_labels(ex.participant_label, on_disk, settings.bids_dir)
+    _check_labels(settings.execution.participant_label, on_disk, settings.bids_dir)
+    return on_disk
+
+
+def collect_pairs(settings: Settings, layout=None) -> PairingReport:
+    """Find the EEG/MEG and fMRI runs to process, honouring every filter in ``settings``."""
+    ex = settings.execution
+    check_participant_labels(settings)
     layout = layout or build_layout(settings)
     subjects = sorted(layout.get_subjects(scope="raw"))
     if ex.participant_label:

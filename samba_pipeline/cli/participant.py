@@ -19,7 +19,7 @@ from samba_pipeline.bids.derivatives import (
     write_text,
     write_tsv,
 )
-from samba_pipeline.bids.layout import RunPair, collect_pairs
+from samba_pipeline.bids.layout import RunPair, check_participant_labels, collect_pairs
 from samba_pipeline.bids.validate import run_validator
 from samba_pipeline.config import Settings
 from samba_pipeline.errors import (
@@ -170,6 +170,7 @@ def write_atlases(settings: Settings, atlases: dict[str, Atlas]) -> None:
 def run_participant(settings: Settings) -> None:
     from samba_pipeline.workflows.participant import init_samba_participant_wf
 
+    check_participant_labels(settings)
     validate_input(settings)
     report = collect_pairs(settings)
     layout = report.layout
