@@ -422,3 +422,38 @@ def test_read_repetition_time(fmriprep_func, tmp_path):
     bad.write_text(json.dumps({"RepetitionTime": 0}))
     with pytest.raises(SambaInputError, match="positive"):
         read_repetition_time(bad)
+
+
+def test_streamed_parcellation_matches_nilearn_masker(tmp_path):
+    """The streaming parcel means + nilearn.signal.clean equal NiftiLabelsMasker's output.
+
+    The BOLD is written as gzipped int16 with a scale factor, so that the streaming reader's
+    handling of the file offset, byte order, Fortran layout and scaling is checked too.
+    """
+    from nilearn.maskers import NiftiLabelsMasker
+
+    rng = np.random.default_rng(3)
+    shape, n_t, tr = (9, 8, 7), 80, 2.0
+    atlas = np.zeros(shape, np.int16)
+    atlas[1:4, 1:7, 1:6] = 1
+    atlas[4:8, 1:4, 1:6] = 2
+    atlas[4:8, 4:7, 1:6] = 3
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    signal = rng.standard_normal((n_t, 3)).cumsum(0)
+    data = 1000 + 20 * rng.standard_normal(shape + (n_t,))
+    for label in (1, 2, 3):
+        data[atlas == label] += 5 * signal[:, label - 1]
+    img = nib.Nifti1Image(np.round(data * 4).astype(np.int16), affine)
+    img.header.set_slope_inter(0.25, 0.0)
+    bold_path = tmp_path / "bold.nii.gz"
+    img.to_filename(bold_path)
+    atlas_img = nib.Nifti1Image(atlas, affine)
+    table = pd.DataFrame({"index": [1, 2, 3], "name": ["a", "b", "c"]})
+    conf = pd.DataFrame(rng.standard_normal((n_t, 2)), columns=["x", "y"])
+
+    ours, _ = parcellate_bold(str(bold_path), atlas_img, table, confounds=conf, tr=tr,
+                              high_pass=0.01, low_pass=0.1, min_coverage=0.0)
+    masker = NiftiLabelsMasker(labels_img=atlas_img, standardize="zscore_sample", detrend=True,
+                               high_pass=0.01, low_pass=0.1, t_r=tr)
+    ref = masker.fit_transform(str(bold_path), confounds=conf)
+    np.testing.assert_allclose(ours.to_numpy(), ref, atol=1e-5)

@@ -106,18 +106,7 @@ def parcellate_bold(
     _check_label_sets(atlas_data, table_ids, names, atlas_path, table_path)
     _check_bounding_boxes(bold, atlas, atlas_data, bold_path, atlas_path)
 
-    # One read of the BOLD, kept in memory and handed to the masker.
-    data = np.asarray(bold.get_fdata(dtype=np.float32))
-    finite = np.isfinite(data).all(axis=3)
-    n_bad = int(finite.size - np.count_nonzero(finite))
-    if n_bad:
-        raise SambaInputError(
-            f"BOLD image contains NaN or Inf values in {n_bad} voxel(s)", path=bold_path
-        )
     ref3d = nib.Nifti1Image(np.zeros(bold.shape[:3], np.uint8), bold.affine)
-    bold_mem = nib.Nifti1Image(data, bold.affine, bold.header)
-    bold_mem.header.set_data_dtype(np.float32)
-
     if mask_img is not None:
         mask, mask_path = _load_img(mask_img, "brain mask")
         mask = _as_3d(mask, mask_path, "brain mask")
@@ -128,15 +117,23 @@ def parcellate_bold(
             raise SambaInputError("brain mask is empty on the BOLD grid", path=mask_path)
     else:
         mask_path = None
-        mask_data = data.max(axis=3) > data.min(axis=3)
-        if not mask_data.any():
-            raise SambaInputError("every BOLD voxel is constant over time", path=bold_path)
+        mask_data = None  # the voxels that vary over time, found while streaming the series
 
     atlas3d = nib.Nifti1Image(atlas_data.astype(np.int32), atlas.affine)
     if _same_grid(atlas3d, ref3d):
         atlas_res = atlas_data
     else:
         atlas_res = np.asarray(_resample_nearest(atlas3d, ref3d).dataobj).astype(np.int64)
+
+    # One streaming pass over the BOLD (volume by volume, never the whole 4-D array in memory):
+    # keep the time series of the labelled voxels only, check finiteness everywhere.
+    labelled_any = atlas_res != 0
+    voxel_series, varying = _stream_labelled_voxels(bold, labelled_any, bold_path,
+                                                    need_variance=mask_data is None)
+    if mask_data is None:
+        mask_data = varying
+        if not mask_data.any():
+            raise SambaInputError("every BOLD voxel is constant over time", path=bold_path)
 
     # Coverage, vectorised over parcels: position of each voxel's label in the table.
     order = np.argsort(table_ids)
@@ -173,38 +170,21 @@ def parcellate_bold(
             ", ".join(low[:10]) + (" ..." if len(low) > 10 else ""),
         )
 
-    # Atlas for the masker: only the used parcels, on the BOLD grid, inside the mask.
+    # Parcel means of the used parcels (a sparse averaging matrix over the labelled voxels),
+    # then nilearn's signal cleaning on the parcel series, exactly as NiftiLabelsMasker does
+    # (it, too, averages first and cleans the region signals).
     keep_voxel = labelled & mask_data & used[table_pos]
-    masker_atlas = np.where(keep_voxel, atlas_res, 0).astype(np.int32)
     conf = _check_confounds(confounds, n_vols, bold_path)
-
-    from nilearn.maskers import NiftiLabelsMasker
-
-    masker = NiftiLabelsMasker(
-        labels_img=nib.Nifti1Image(masker_atlas, bold.affine),
-        mask_img=None,  # the masker atlas is already restricted to the mask
-        background_label=0,
-        standardize=standardize,
-        detrend=bool(detrend),
-        high_pass=high_pass,
-        low_pass=low_pass,
-        t_r=tr,
-        resampling_target="data",
-        strategy="mean",
-        reports=False,
-    )
-    with warnings.catch_warnings():
-        # nilearn tells when labels are removed by the mask; coverage already reports it.
-        warnings.filterwarnings("ignore", message=".*labels were removed.*")
-        signals = masker.fit_transform(bold_mem, confounds=conf)
-    region_ids = [v for k, v in masker.region_ids_.items() if k != "background"]
     expected = np.sort(table_ids[used])
-    if not np.array_equal(np.asarray(region_ids, dtype=np.int64), expected):
-        raise RuntimeError(
-            f"masker returned regions {region_ids[:10]}... but {expected[:10]}... were expected"
-        )
-    out = np.full((n_vols, n_parcels), np.nan)
     cols = order[np.searchsorted(sorted_ids, expected)]
+    signals = _parcel_means(voxel_series, table_pos[labelled_any], keep_voxel[labelled_any], cols)
+    del voxel_series
+    from nilearn.signal import clean
+
+    signals = clean(signals, detrend=bool(detrend), standardize=standardize,
+                    standardize_confounds=True, t_r=tr, low_pass=low_pass, high_pass=high_pass,
+                    confounds=conf)
+    out = np.full((n_vols, n_parcels), np.nan)
     out[:, cols] = np.asarray(signals, dtype=float)
     timeseries = pd.DataFrame(out, columns=names)
     coverage_df = pd.DataFrame(
@@ -314,6 +294,79 @@ def _check_filter(high_pass, low_pass, tr, path) -> None:
         raise SambaInputError(
             f"high_pass={high_pass} Hz must be below low_pass={low_pass} Hz", path=path
         )
+
+
+def _iter_volumes(img, path):
+    """The volumes of a 4-D image one at a time (float32), streaming gzip files sequentially."""
+    proxy = img.dataobj
+    shape = tuple(int(n) for n in img.shape)
+    if not isinstance(proxy, nib.arrayproxy.ArrayProxy):
+        data = np.asarray(proxy)
+        for t in range(shape[3]):
+            yield np.asarray(data[..., t], dtype=np.float32)
+        return
+    nbytes = int(np.prod(shape[:3])) * proxy.dtype.itemsize
+    slope = 1.0 if proxy.slope is None or not np.isfinite(proxy.slope) else float(proxy.slope)
+    inter = 0.0 if proxy.inter is None or not np.isfinite(proxy.inter) else float(proxy.inter)
+    try:
+        with nib.openers.ImageOpener(proxy.file_like) as fobj:
+            fobj.seek(proxy.offset)
+            for _ in range(shape[3]):
+                buf = fobj.read(nbytes)
+                if len(buf) != nbytes:
+                    raise SambaInputError("BOLD file is truncated (fewer volumes than its header says)",
+                                          path=path)
+                vol = np.frombuffer(buf, dtype=proxy.dtype).reshape(shape[:3], order=proxy.order)
+                vol = vol.astype(np.float32)
+                if slope != 1.0 or inter != 0.0:
+                    vol = vol * np.float32(slope) + np.float32(inter)
+                yield vol
+    except (OSError, EOFError, ValueError) as exc:
+        raise SambaInputError(f"cannot read the BOLD series ({exc})", path=path) from None
+
+
+def _stream_labelled_voxels(bold, labelled, path, *, need_variance: bool):
+    """Time series [n_labelled, T] of the labelled voxels; voxels that vary over time (3-D)."""
+    n_vols = int(bold.shape[3])
+    idx = np.flatnonzero(labelled.ravel(order="C"))
+    series = np.empty((idx.size, n_vols), dtype=np.float32)
+    vmin = vmax = None
+    bad = None
+    for t, vol in enumerate(_iter_volumes(bold, path)):
+        flat = vol.ravel(order="C")
+        finite = np.isfinite(flat)
+        if not finite.all():
+            bad = ~finite if bad is None else bad | ~finite
+        series[:, t] = flat[idx]
+        if need_variance:
+            if vmin is None:
+                vmin, vmax = flat.copy(), flat.copy()
+            else:
+                np.minimum(vmin, flat, out=vmin)
+                np.maximum(vmax, flat, out=vmax)
+    if bad is not None:
+        raise SambaInputError(
+            f"BOLD image contains NaN or Inf values in {int(bad.sum())} voxel(s)", path=path)
+    varying = None
+    if need_variance:
+        varying = (vmax > vmin).reshape(labelled.shape, order="C")
+    return series, varying
+
+
+def _parcel_means(series, positions, keep, cols):
+    """Mean over the kept voxels of each parcel (rows of ``series`` belong to ``positions``)."""
+    from scipy import sparse
+
+    rows = positions[keep]
+    lookup = -np.ones(int(positions.max()) + 1 if positions.size else 1, dtype=np.int64)
+    lookup[cols] = np.arange(len(cols))
+    out_rows = lookup[rows]
+    ok = out_rows >= 0
+    counts = np.bincount(out_rows[ok], minlength=len(cols)).astype(np.float64)
+    weights = 1.0 / counts[out_rows[ok]]
+    avg = sparse.csr_matrix((weights, (out_rows[ok], np.flatnonzero(keep)[ok])),
+                            shape=(len(cols), series.shape[0]))
+    return np.asarray(avg @ series.astype(np.float64, copy=False)).T  # [T, n_used]
 
 
 def _load_img(img, what):
