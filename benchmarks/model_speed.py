@@ -16,6 +16,7 @@ Targets (issue): training step at batch 1 <= 0.34 s, inference <= 0.13 s per win
 <= 1.5 GB, every parameter trained (the public reference implementation: 3.41 s, 1.33 s, 5.5 GB).
 
     python benchmarks/model_speed.py [--json PATH] [--repeats 5] [--threads 2]
+        [--front-ends neurovascular paper] [--batches 1 8] [--config '{"hidden_size": 32}']
 
 Times are medians over ``--repeats`` after one warm-up (the minimum is shown too; each
 configuration stops repeating after about 30 s of training steps so that the whole run stays
@@ -34,6 +35,14 @@ import sys
 import time
 
 FRONT_ENDS = ("neurovascular", "paper")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds spent by the whole machine so far (user + nice + system + irq + softirq)."""
+    with open("/proc/stat") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 BATCHES = (1, 8)
 
 
@@ -58,7 +67,7 @@ def make_dims(seed: int = 0):
 
 
 def worker(front_end: str, batch_size: int, repeats: int, threads: int, kernel_s: float,
-           budget_s: float = 30.0) -> dict:
+           budget_s: float = 30.0, overrides: dict | None = None) -> dict:
     import resource
     import statistics
 
@@ -71,7 +80,8 @@ def worker(front_end: str, batch_size: int, repeats: int, threads: int, kernel_s
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     dims = make_dims()
-    model = get_model_class("samba").build({"front_end": front_end, "hrf_kernel_s": kernel_s}, dims)
+    config = {"front_end": front_end, "hrf_kernel_s": kernel_s, **(overrides or {})}
+    model = get_model_class("samba").build(config, dims)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch_size, dims.n_source, dims.source_len, generator=g)
@@ -141,24 +151,32 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hrf-kernel-s", type=float, default=30.0)
     ap.add_argument("--front-ends", nargs="+", default=list(FRONT_ENDS), choices=FRONT_ENDS)
+    ap.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    ap.add_argument("--config", default="{}", help="JSON dict of extra model settings")
     ap.add_argument("--worker", nargs=2, metavar=("FRONT_END", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
-        res = worker(args.worker[0], int(args.worker[1]), args.repeats, args.threads, args.hrf_kernel_s)
+        res = worker(args.worker[0], int(args.worker[1]), args.repeats, args.threads, args.hrf_kernel_s,
+                     overrides=json.loads(args.config))
         print("RESULT " + json.dumps(res))
         return 0
 
     from samba_pipeline.models.samba.ele2hemo import SambaEphys2Fmri
 
     default_fe = SambaEphys2Fmri.default_config()["front_end"]
+    import resource
+
     start = time.monotonic()
     load_before = os.getloadavg()
+    busy_before = busy_cpu_seconds()
+    own_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     results = []
     for fe in args.front_ends:
-        for b in BATCHES:
+        for b in args.batches:
             cmd = [sys.executable, __file__, "--worker", fe, str(b), "--repeats", str(args.repeats),
-                   "--threads", str(args.threads), "--hrf-kernel-s", str(args.hrf_kernel_s)]
+                   "--threads", str(args.threads), "--hrf-kernel-s", str(args.hrf_kernel_s),
+                   "--config", args.config]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr)
@@ -166,11 +184,17 @@ def main(argv=None) -> int:
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
             results.append(json.loads(line[len("RESULT "):]))
     load_after = os.getloadavg()
+    own_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.monotonic() - start
+    own = (own_after.ru_utime + own_after.ru_stime) - (own_before.ru_utime + own_before.ru_stime)
+    # Average number of cores kept busy by *other* processes while the benchmark ran.
+    foreign_cores = max(0.0, (busy_cpu_seconds() - busy_before - own) / wall)
 
     header = (f"{'front end':<14} {'batch':>5} {'train step s':>13} {'(min)':>7} {'infer s/window':>15} "
               f"{'(min)':>7} {'peak RSS GB':>12} {'params':>8} {'all trained':>12}")
     print(f"SAMBA ephys2fmri, [B, 200, 12000] @ 200 Hz -> [B, 500, 30] @ TR 2 s, HRF kernel "
-          f"{args.hrf_kernel_s:g} s, {args.threads} threads, {args.repeats} repeats (median)")
+          f"{args.hrf_kernel_s:g} s, {args.threads} threads, {args.repeats} repeats (median)"
+          + (f", settings {args.config}" if json.loads(args.config) else ""))
     print(header)
     print("-" * len(header))
     for r in results:
@@ -180,9 +204,9 @@ def main(argv=None) -> int:
               f"{r['peak_rss_gb']:>12.2f} {r['n_parameters']:>8d} {str(r['all_parameters_trained']):>12}")
         if r["untrained_parameters"]:
             print(f"    without gradient: {', '.join(r['untrained_parameters'])}")
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "
-          f"benchmark wall time {time.monotonic() - start:.0f} s")
-    if max(load_before[0], load_after[0]) > 0.5 * (os.cpu_count() or 2):
+    print(f"benchmark wall time {wall:.0f} s; other processes kept {foreign_cores:.2f} of "
+          f"{os.cpu_count()} cores busy on average (load average before {load_before[0]:.2f})")
+    if foreign_cores > 0.1:
         print("WARNING: the machine was busy with other processes; timings are inflated "
               "(see the minima, or rerun on an idle machine)")
 
@@ -205,8 +229,11 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "repeats": args.repeats,
         "hrf_kernel_s": args.hrf_kernel_s,
+        "config_overrides": json.loads(args.config),
         "load_average_before": load_before[0],
         "load_average_after": load_after[0],
+        "foreign_busy_cores": foreign_cores,
+        "wall_s": wall,
         "targets": {"train_step_s_b1": 0.34, "infer_s_per_window_b1": 0.13, "peak_rss_gb": 1.5},
         "reference_implementation": {"train_step_s_b1": 3.41, "infer_s_per_window_b1": 1.33,
                                      "peak_rss_gb": 5.5},

@@ -15,7 +15,14 @@ from samba_pipeline.models.registry import get_model_class
 from samba_pipeline.models.samba import ele2hemo
 from samba_pipeline.models.samba.ele2hemo import SambaEphys2Fmri
 from samba_pipeline.models.samba.graph import BatchedGATv2, RegionMaskedLinear, topk_edges
-from samba_pipeline.models.samba.hrf import DEFAULTS, HALF_RANGES, ParcelHRF, double_gamma, fft_convolve
+from samba_pipeline.models.samba.hrf import (
+    DEFAULTS,
+    HALF_RANGES,
+    ParcelHRF,
+    double_gamma,
+    fft_convolve,
+    kernel_rfft,
+)
 from samba_pipeline.models.samba.wavelet import DWT, default_level, dwt, idwt, scale_bands
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +111,13 @@ def test_fft_convolution_is_causal():
     x[0, 60] = 1.0
     out = fft_convolve(x, torch.rand(1, 30, dtype=torch.float64) + 0.1)
     assert torch.all(out[0, :60].abs() < 1e-12) and torch.all(out[0, 60:90] > 0)
+
+
+@pytest.mark.parametrize("K,n", [(5, 12), (5, 13), (7, 7), (1, 4)])
+def test_kernel_rfft_gradient(K, n):
+    k = torch.randn(3, K, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: torch.view_as_real(kernel_rfft(v, n)), (k,))
+    torch.testing.assert_close(kernel_rfft(k, n), torch.fft.rfft(k, n=n))
 
 
 def test_gradients_reach_every_hrf_parameter():
@@ -259,6 +273,17 @@ def test_gat_respects_the_graph(impl):
     x4[0, [i for i in range(n) if i != 3]] += 5.0
     diff = (layer(x4) - base).abs()
     assert diff[:, 3].max() < 1e-6 and diff[1].max() < 1e-6
+    # Two stacked layers: influence reaches exactly the two-hop neighbourhood at most.
+    second = BatchedGATv2(ei, w, n, 4, 4, 2, impl=impl).eval()
+    base2 = second(layer(x))
+    adj = np.zeros((n, n), dtype=bool)
+    adj[ei[0], ei[1]] = True  # adj[j, i]: j -> i
+    two_hop = (adj.astype(int) @ adj.astype(int)) > 0
+    for j in range(n):
+        x2 = x.clone()
+        x2[:, j] += 5.0
+        changed = (second(layer(x2)) - base2).abs().amax(dim=(0, 2)) > 1e-6
+        assert set(np.nonzero(changed.numpy())[0]) <= set(np.nonzero(two_hop[j])[0])
 
 
 def test_region_masked_linear():
@@ -365,15 +390,15 @@ def test_masked_parcels_may_hold_nan():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_paper_front_end_checkpointing_gives_same_gradients(monkeypatch):
+def test_checkpointing_gives_same_gradients(monkeypatch):
     dims = make_dims()
     batch = make_batch(dims)
     grads = []
-    for limit in (10**12, 0):
-        monkeypatch.setattr(ele2hemo, "_CHECKPOINT_ELEMENTS", limit)
+    for limit in (1e9, 0.0):
         monkeypatch.setattr(ele2hemo, "_ROW_CHUNK_ELEMENTS", 5000)
         torch.manual_seed(0)
-        model = SambaEphys2Fmri.build({**SMALL, "front_end": "paper", "dropout": 0.0}, dims)
+        model = SambaEphys2Fmri.build({**SMALL, "front_end": "paper", "dropout": 0.0,
+                                       "checkpoint_above_mb": limit}, dims)
         model.loss(model(batch), batch).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):

@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from samba_pipeline.models.base import Batch, DataDims, TranslationModel, cosine_loss
 from samba_pipeline.models.samba.graph import BatchedGATv2, RegionMaskedLinear, topk_edges
-from samba_pipeline.models.samba.hrf import PARAM_NAMES, ParcelHRF
+from samba_pipeline.models.samba.hrf import PARAM_NAMES, ParcelHRF, kernel_rfft
 from samba_pipeline.models.samba.wavelet import (
     DWT,
     coefficient_offsets,
@@ -48,7 +48,6 @@ from samba_pipeline.models.samba.wavelet import (
 
 FRONT_ENDS = ("paper", "neurovascular")
 _ROW_CHUNK_ELEMENTS = 1_000_000  # source samples per front-end chunk (~4 MB in float32)
-_CHECKPOINT_ELEMENTS = 8_000_000  # paper front end: checkpoint chunks above this input size
 
 
 def _crop_in_window(c: torch.Tensor, offset: float, spacing: int, n_samples: int) -> torch.Tensor:
@@ -133,6 +132,9 @@ class SambaEphys2Fmri(TranslationModel):
             "top_k": 16,
             "gat_layers": 1,  # GATv2 layers on each of the source and target graphs
             "gat_impl": "dense",  # "dense" (padded neighbour table) or "pyg" (scatter); same maths
+            # Memory/time trade-off: a stage (a GAT layer, the paper front end) whose activations
+            # kept for the backward pass would exceed this many MB recomputes them instead.
+            "checkpoint_above_mb": 64.0,
             "lstm_hidden": 32,
             "dropout": 0.1,
             "teacher_forcing": True,
@@ -197,6 +199,10 @@ class SambaEphys2Fmri(TranslationModel):
             self.target_gat.extend(BatchedGATv2(ei, ew, nt, H, H, heads, impl=cfg["gat_impl"])
                                    for _ in range(n_layers))
 
+        self._checkpoint_bytes = float(cfg["checkpoint_above_mb"]) * 2**20
+        for layer in (*self.source_gat, *self.target_gat):
+            layer.checkpoint_bytes = self._checkpoint_bytes
+
         # --- decoder ----------------------------------------------------------------------
         if cfg["use_lstm"]:
             Hl = int(cfg["lstm_hidden"])
@@ -255,10 +261,11 @@ class SambaEphys2Fmri(TranslationModel):
             kernels = self.hrf.kernels(self.source_sfreq, kernel_s)  # [Ns, K]
             # Exact causal linear convolution (see hrf.fft_convolve): zero padding to >= L + K - 1.
             n_fft = next_fast_len(L + kernels.shape[-1] - 1, real=True)
-            kernel_spec = torch.fft.rfft(kernels, n=n_fft)  # [Ns, n_fft // 2 + 1]
+            kernel_spec = kernel_rfft(kernels, n_fft)  # [Ns, n_fft // 2 + 1]
             # With gradients and a large input, recompute each chunk in the backward pass
-            # instead of keeping its spectra and coefficients.
-            ckpt = torch.is_grad_enabled() and rows.numel() > _CHECKPOINT_ELEMENTS
+            # instead of keeping its spectra and coefficients (about 4 bytes kept per input byte).
+            ckpt = (torch.is_grad_enabled()
+                    and 4 * rows.numel() * rows.element_size() > self._checkpoint_bytes)
             outs = []
             for i in range(0, B * Ns, step):
                 idx = torch.arange(i, min(i + step, B * Ns), device=x.device) % Ns
@@ -300,12 +307,12 @@ class SambaEphys2Fmri(TranslationModel):
         B, N, T, H = h.shape
         if self.lstm is None:
             return self.readout(h).squeeze(-1)
-        seq = h.reshape(B * N, T, H)
         if target is not None:
-            truth = torch.nan_to_num(target.reshape(B * N, T)[:, :-1].to(h.dtype))  # masked parcels
-            prev = F.pad(truth, (1, 0)).unsqueeze(-1)
-            out, _ = self.lstm(torch.cat([seq, prev], dim=-1))
+            truth = torch.nan_to_num(target[..., :-1].to(h.dtype))  # NaN in masked parcels
+            prev = F.pad(truth, (1, 0)).unsqueeze(-1)  # [B, N, T, 1]: y[t-1], 0 at t = 0
+            out, _ = self.lstm(torch.cat([h, prev], dim=-1).view(B * N, T, H + 1))
             return self.readout(out).view(B, N, T)
+        seq = h.reshape(B * N, T, H)
         state = None
         prev = h.new_zeros(B * N, 1, 1)
         outs = []

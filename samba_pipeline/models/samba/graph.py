@@ -4,8 +4,10 @@
   (plus a self loop), so attention costs ``O(N k)`` instead of ``O(N^2)``.
 * :class:`BatchedGATv2` applies one :class:`torch_geometric.nn.GATv2Conv` (``K`` heads averaged,
   the cosine weight as a 1-d edge attribute; SAMBA eq. 2) to ``G`` graphs that share the same
-  static edge structure (one per batch item and time step) in a single call: the edge index is
-  offset once per ``G`` (vectorised) and cached.
+  static edge structure (one per batch item and time step) at once: either through
+  ``GATv2Conv.forward`` on one disjoint union graph (edge index offset once per ``G``,
+  vectorised, cached) or, by default, with the same parameters and equations on a padded
+  neighbour table (no scatter operations; chunked over graphs, optionally checkpointed).
 * :class:`RegionMaskedLinear`: each target node is a learned weighted sum of the source nodes
   its region allows (``region_map[i, j] == 1``); only the allowed entries are parameters.
 """
