@@ -108,8 +108,9 @@ def inspect_pair(pair: RunPair, layout=None, trigger_names: list[str] | None = N
     return {
         "tr": tr,
         "n_volumes": n_volumes,
-        # float32 series plus nilearn's working copies: peak ~3x (0.82 GB measured for 65x77x65x200).
-        "bold_mem_gb": round(0.3 + n_vox * n_volumes * 4 * 3 / 1e9, 2),
+        # The BOLD is streamed; only labelled voxels are kept (float32, plus a float64 product):
+        # 0.75 x the float32 series bounds it (whole participant level: 1.96 GB peak at 2 mm x 300).
+        "bold_mem_gb": round(0.3 + n_vox * n_volumes * 4 * 0.75 / 1e9, 2),
         "ephys_mem_gb": round(estimate_ephys_mem_gb(1, int(n_values)), 2),
     }
 
