@@ -454,6 +454,12 @@ def _has_positions(info: mne.Info, picks: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(loc)) and np.all(np.linalg.norm(loc, axis=1) > 0))
 
 
+# One FIR design for every filter (MNE's defaults, made explicit); n_jobs=1 because Nipype
+# already runs nodes in parallel (nested parallelism oversubscribes the CPUs).
+_FIR_KWARGS = dict(method="fir", phase="zero", fir_window="hamming", fir_design="firwin",
+                   n_jobs=1, verbose=False)
+
+
 def preprocess_raw(
     raw: mne.io.BaseRaw, settings: EphysSettings | None = None
 ) -> tuple[mne.io.BaseRaw, dict[str, Any]]:
@@ -519,12 +525,7 @@ def preprocess_raw(
             picks="data",
             notch_widths=notch_widths,
             trans_bandwidth=settings.notch_trans_bandwidth,
-            method="fir",
-            phase="zero",
-            fir_window="hamming",
-            fir_design="firwin",
-            n_jobs=1,
-            verbose=False,
+            **_FIR_KWARGS,
         )
     _tick("notch")
 
@@ -570,12 +571,7 @@ def preprocess_raw(
             picks="data",
             l_trans_bandwidth=settings.l_trans_bandwidth,
             h_trans_bandwidth=settings.h_trans_bandwidth,
-            method="fir",
-            phase="zero",
-            fir_window="hamming",
-            fir_design="firwin",
-            n_jobs=1,
-            verbose=False,
+            **_FIR_KWARGS,
         )
     _tick("bandpass")
 
