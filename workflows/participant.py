@@ -66,11 +66,11 @@ def init_run_wf(settings: Settings, pair: RunPair, atlases: dict, facts: dict) -
     out = str(settings.output_dir)
     wf = pe.Workflow(name=_node_name(pair.name.replace(f"sub-{pair.subject}_", "")) + "_wf")
     ents = pair.entities
-    fmri_atlas, ephys_atlas = atlases["fmri"], atlases["ephys"]
+    # The EEG/MEG atlas is written with the region map; the series stay in sensor space for now.
+    fmri_atlas = atlases["fmri"]
     datatype = pair.ephys_datatype or "eeg"
 
-    ephys = pe.Node(PreprocessEphys(ephys_file=pair.ephys_file, settings=dict(wset.ephys),
-                                    volume_trigger=list(wset.volume_trigger)),
+    ephys = pe.Node(PreprocessEphys(ephys_file=pair.ephys_file, settings=dict(wset.ephys)),
                     name="preprocess_ephys", mem_gb=facts["ephys_mem_gb"])
     parcellate = pe.Node(
         ParcellateBold(bold_file=pair.bold_file, atlas_file=str(fmri_atlas.image),
@@ -153,7 +153,6 @@ def init_run_wf(settings: Settings, pair: RunPair, atlases: dict, facts: dict) -
         (align, ds_alignment, [("alignment_json", "in_file")]),
         (align, ds_windows, [("windows_tsv", "in_file")]),
     ])  # fmt:skip
-    _ = ephys_atlas  # the ephys atlas is used by source-space parcels (sensor space for now)
     return wf
 
 

@@ -128,15 +128,14 @@ def build_layout(settings: Settings):
 
 
 def _filters(settings: Settings, query: str) -> dict:
+    """A --bids-filter-file query: ``null`` means the entity is absent, ``"*"`` any value."""
+    from bids.layout import Query
+
     flt = dict(settings.execution.bids_filters.get(query, {}))
     for key, value in list(flt.items()):
         if value is None:
-            from bids.layout import Query
-
             flt[key] = Query.NONE
         elif value == "*":
-            from bids.layout import Query
-
             flt[key] = Query.ANY
     return flt
 

@@ -18,37 +18,8 @@ import logging
 import sys
 
 from samba_pipeline.__about__ import __version__
+from samba_pipeline.cli.argtypes import nonneg_int, positive_float, positive_int
 from samba_pipeline.errors import EXIT_CANTCREAT, EXIT_OK, SambaError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,20 +36,20 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("outdir", metavar="OUTDIR", help="BIDS folder to create (must be empty or new)")
-    p.add_argument("--subjects", type=_positive_int, default=2, help="number of subjects (default 2)")
-    p.add_argument("--minutes", type=_positive_float, default=5.0,
+    p.add_argument("--subjects", type=positive_int, default=2, help="number of subjects (default 2)")
+    p.add_argument("--minutes", type=positive_float, default=5.0,
                    help="fMRI run length in minutes (default 5)")
-    p.add_argument("--seed", type=_nonneg_int, default=42, help="random seed (default 42)")
-    p.add_argument("--resolution-mm", type=_positive_float, default=4.0,
+    p.add_argument("--seed", type=nonneg_int, default=42, help="random seed (default 42)")
+    p.add_argument("--resolution-mm", type=positive_float, default=4.0,
                    help="isotropic MNI grid in mm, a whole number (default 4)")
-    p.add_argument("--eeg-channels", type=_positive_int, default=32,
+    p.add_argument("--eeg-channels", type=positive_int, default=32,
                    help="number of EEG channels, 8-84 (default 32)")
-    p.add_argument("--eeg-sfreq", type=_positive_float, default=500.0,
+    p.add_argument("--eeg-sfreq", type=positive_float, default=500.0,
                    help="EEG sampling rate in Hz (default 500)")
-    p.add_argument("--tr", type=_positive_float, default=2.0, help="fMRI repetition time in s (default 2)")
-    p.add_argument("--coarse-parcels", type=_positive_int, default=DEFAULT_COARSE_PARCELS,
+    p.add_argument("--tr", type=positive_float, default=2.0, help="fMRI repetition time in s (default 2)")
+    p.add_argument("--coarse-parcels", type=positive_int, default=DEFAULT_COARSE_PARCELS,
                    help=f"coarse (EEG) parcels, >= 14 (default {DEFAULT_COARSE_PARCELS})")
-    p.add_argument("--fine-parcels", type=_positive_int, default=DEFAULT_FINE_PARCELS,
+    p.add_argument("--fine-parcels", type=positive_int, default=DEFAULT_FINE_PARCELS,
                    help=f"fine (fMRI) parcels, > coarse (default {DEFAULT_FINE_PARCELS})")
     p.add_argument("--truth-dir", default=None,
                    help="where to write the ground truth (default OUTDIR_groundtruth)")

@@ -18,10 +18,7 @@ def run_group(settings: Settings) -> None:
                                    "check_version": False})
     try:
         wf.run(**settings.nipype.get_plugin())
-    except RuntimeError:
-        from samba_pipeline.cli.run import error_from_crashfiles
+    except RuntimeError as exc:
+        from samba_pipeline.cli.run import raise_node_error
 
-        err = error_from_crashfiles(settings.log_dir())
-        if err is not None:
-            raise err from None
-        raise
+        raise_node_error([settings.log_dir()], exc)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from samba_pipeline.__about__ import __version__
+from samba_pipeline.cli.argtypes import positive_float
 from samba_pipeline.config import (
     ANALYSIS_LEVELS,
     NUISANCE_STRATEGIES,
@@ -64,13 +65,6 @@ def _mem_mb(value: str) -> int:
     number, unit = float(match.group(1)), match.group(2).upper()
     factor = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
     return int(number * factor)
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return number
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -175,7 +169,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="confound strategy (XCP-D names): acompcor = 24 motion parameters + 5 aCompCor + "
         "cosine drift",
     )
-    g.add_argument("--fd-threshold", dest="fd_threshold", type=_positive_float, default=d(0.5),
+    g.add_argument("--fd-threshold", dest="fd_threshold", type=positive_float, default=d(0.5),
                    metavar="MM", help="framewise displacement above which volumes are reported "
                    "as high-motion (they are not removed: that would break the timing)")
     g.add_argument("--high-pass", dest="high_pass", type=float, default=d(0.01), metavar="HZ",
@@ -184,7 +178,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                    help="BOLD low-pass cutoff (0 disables)")
     g.add_argument("--min-coverage", dest="min_coverage", type=float, default=d(0.5),
                    metavar="FRACTION", help="parcels with less brain-mask coverage are set to n/a")
-    g.add_argument("--window-lengths", dest="window_lengths", type=_positive_float, nargs="+",
+    g.add_argument("--window-lengths", dest="window_lengths", type=positive_float, nargs="+",
                    default=d([60.0, 15.0]), metavar="S",
                    help="lengths of the model windows written to the window index")
     g.add_argument("--volume-trigger", dest="volume_trigger", nargs="+", default=d(None),
@@ -331,9 +325,6 @@ def settings_from_args(args: argparse.Namespace, ephys_table: dict | None = None
             f"the work folder {work_dir} is inside the input dataset {bids_dir}; pass -w/--work-dir "
             "with a folder outside it"
         )
-    if _inside(work_dir, output_dir) and work_dir != output_dir / "work":
-        pass  # allowed, as fMRIPrep allows, though a separate scratch folder is better
-
     derivatives = {
         name: str(Path(path).expanduser().absolute())
         for name, path in _parse_key_values(args.derivatives, "-d/--derivatives", "NAME=PATH").items()

@@ -23,7 +23,6 @@ from samba_pipeline.bids.layout import RunPair, check_participant_labels, collec
 from samba_pipeline.bids.validate import run_validator
 from samba_pipeline.config import Settings
 from samba_pipeline.errors import (
-    SambaError,
     SambaInputError,
     SambaMissingInputError,
     SambaValidationError,
@@ -52,22 +51,15 @@ def validate_input(settings: Settings) -> None:
 def check_volume_triggers(pair: RunPair, names: list[str]) -> int:
     """The EEG/MEG events must hold scanner volume triggers (checked before anything runs)."""
     from samba_pipeline.align import find_volume_triggers
-    from samba_pipeline.bids.derivatives import read_tsv
+    from samba_pipeline.ephys.read import events_path, read_bids_events
 
-    events = Path(re.sub(r"_(eeg|meg)\.[a-z]+$", "_events.tsv", pair.ephys_file))
-    if not events.is_file():
+    table = read_bids_events(pair.ephys_file)
+    events = events_path(pair.ephys_file)
+    if table is None:
         raise SambaMissingInputError(
             "no events.tsv beside the recording: the scanner volume triggers are needed to align "
             "EEG/MEG and fMRI", path=events)
-    try:
-        table = read_tsv(events)
-    except Exception as exc:
-        raise SambaInputError(f"cannot read the events table: {exc}", path=events) from None
-    column = next((c for c in ("trial_type", "value", "description") if c in table.columns), None)
-    if "onset" not in table.columns or column is None:
-        raise SambaInputError("events table needs 'onset' and 'trial_type' (or 'value') columns",
-                              path=events)
-    triggers = find_volume_triggers(table["onset"].to_numpy(float), table[column].astype(str).to_numpy(),
+    triggers = find_volume_triggers(table["onset"].to_numpy(float), table["description"].to_numpy(),
                                     names=tuple(names), path=events)
     if triggers.size == 0:
         raise SambaInputError(
@@ -191,15 +183,18 @@ def run_participant(settings: Settings) -> None:
 
     wf = init_samba_participant_wf(settings, report.pairs, atlases, facts)
     _configure(wf, settings)
-    _save_run_config(settings, sorted({p.subject for p in report.pairs}))
+    subjects = sorted({p.subject for p in report.pairs})
+    _save_run_config(settings, subjects)
     if settings.execution.write_graph:
-        _write_graph(wf, settings, sorted({p.subject for p in report.pairs}))
+        _write_graph(wf, settings, subjects)
     LOGGER.log(IMPORTANT, "Running the participant workflow (%s) in %s", wf.name, settings.work_dir)
     plugin = settings.nipype.get_plugin()
     try:
         wf.run(**plugin)
     except RuntimeError as exc:
-        _raise_node_error(settings, report.pairs, exc)
+        from samba_pipeline.cli.run import raise_node_error
+
+        raise_node_error([settings.log_dir(s) for s in subjects] + [settings.log_dir()], exc)
 
 
 def _configure(wf, settings: Settings) -> None:
@@ -248,19 +243,6 @@ def _write_graph(wf, settings: Settings, subjects: list[str]) -> None:
 
 def _short(name: str) -> str:
     return re.sub(r"^samba_bids_\d+_\d+_wf\.sub_[^.]+_wf\.", "", name)
-
-
-def _raise_node_error(settings: Settings, pairs: list[RunPair], exc: Exception) -> None:
-    from samba_pipeline.cli.run import error_from_crashfiles
-
-    for subject in sorted({p.subject for p in pairs}) + [None]:
-        crash_dir = settings.log_dir(subject)
-        if crash_dir.is_dir():
-            err = error_from_crashfiles(crash_dir)
-            if err is not None:
-                raise err
-    raise SambaError(f"the workflow failed ({exc}); crash files are in "
-                     f"{settings.output_dir}/sub-*/log/{settings.execution.run_uuid}")
 
 
 __all__ = ["run_participant", "inspect_pair", "validate_input", "write_atlases"]

@@ -20,7 +20,6 @@ from samba_pipeline.errors import (
     EXIT_OK,
     SambaError,
     SambaInputError,
-    SambaValidationError,
 )
 
 LOGGER = logging.getLogger("samba_pipeline.cli")
@@ -129,4 +128,16 @@ def error_from_crashfiles(crash_dir: Path) -> SambaError | None:
     return found
 
 
-__all__ = ["main", "setup_logging", "error_from_crashfiles", "SambaValidationError"]
+def raise_node_error(crash_dirs: list[Path], exc: Exception) -> None:
+    """After a failed workflow run: raise the user's one-line error a node left in its crash
+    file, or a generic failure that says where the crash files are."""
+    for crash_dir in crash_dirs:
+        if crash_dir.is_dir():
+            err = error_from_crashfiles(crash_dir)
+            if err is not None:
+                raise err from None
+    raise SambaError(f"the workflow failed ({exc}); crash files are in "
+                     + ", ".join(str(d) for d in crash_dirs)) from None
+
+
+__all__ = ["main", "setup_logging", "error_from_crashfiles", "raise_node_error"]

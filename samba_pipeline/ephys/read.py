@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import mne
 import mne_bids
 import numpy as np
+import pandas as pd
 from mne_bids.config import ALLOWED_DATATYPE_EXTENSIONS
 
 from samba_pipeline.errors import (
@@ -197,6 +199,32 @@ def read_ephys(bids_path: mne_bids.BIDSPath) -> mne.io.BaseRaw:
         )
     _check_sidecar_sfreq(raw, bids_path)
     return raw
+
+
+def events_path(ephys_file) -> Path:
+    """The BIDS ``*_events.tsv`` beside an EEG/MEG recording."""
+    return Path(re.sub(r"_(eeg|meg)\.[a-z]+$", "_events.tsv", str(ephys_file)))
+
+
+def read_bids_events(ephys_file) -> pd.DataFrame | None:
+    """The recording's events.tsv as ``onset`` (s from the first sample) and ``description``.
+
+    ``description`` is ``trial_type`` (or ``value``). None when there is no events.tsv; an
+    unreadable table, or one without those columns, is a :class:`SambaInputError`.
+    """
+    path = events_path(ephys_file)
+    if not path.is_file() or path == Path(ephys_file):
+        return None
+    try:
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
+    except Exception as exc:  # pandas' parser errors have many types
+        raise SambaInputError(f"cannot read the events table: {exc}", path=path) from None
+    column = next((c for c in ("trial_type", "value", "description") if c in table.columns), None)
+    if "onset" not in table.columns or column is None:
+        raise SambaInputError("events table needs 'onset' and 'trial_type' (or 'value') columns",
+                              path=path)
+    return pd.DataFrame({"onset": table["onset"].astype(float),
+                         "description": table[column].astype(str)})
 
 
 def events_from_raw(raw: mne.io.BaseRaw) -> tuple[np.ndarray, np.ndarray]:

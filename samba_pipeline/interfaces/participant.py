@@ -27,18 +27,14 @@ from samba_pipeline.bids.derivatives import read_tsv, write_json, write_tsv
 class _PreprocessEphysInputSpec(BaseInterfaceInputSpec):
     ephys_file = File(exists=True, mandatory=True, desc="raw EEG/MEG recording in a BIDS dataset")
     settings = traits.Dict(desc="EEG/MEG settings (MNE-BIDS-Pipeline names)")
-    volume_trigger = traits.List(traits.Str, desc="names of the scanner volume markers")
 
 
 class _PreprocessEphysOutputSpec(TraitedSpec):
     raw_file = File(exists=True, desc="preprocessed recording (FIF, work directory only)")
-    events_tsv = File(exists=True, desc="annotations of the original recording (onset, description)")
+    events_tsv = File(exists=True, desc="events of the recording (onset, description)")
     report_json = File(exists=True, desc="what preprocessing did")
     channels_tsv = File(exists=True, desc="channel table with status (good/bad) and reason")
     sfreq = traits.Float(desc="sampling frequency after preprocessing")
-    n_samples = traits.Int(desc="samples after preprocessing")
-    orig_sfreq = traits.Float()
-    orig_duration = traits.Float(desc="duration of the original recording (s)")
     duration = traits.Float(desc="duration of the preprocessed recording (n_samples / sfreq)")
 
 
@@ -52,20 +48,19 @@ class PreprocessEphys(SimpleInterface):
         from mne_bids import get_bids_path_from_fname
 
         from samba_pipeline.ephys.preprocess import EphysSettings, preprocess_raw
-        from samba_pipeline.ephys.read import events_from_raw, read_ephys
+        from samba_pipeline.ephys.read import events_from_raw, read_bids_events, read_ephys
 
         settings = EphysSettings.from_dict(dict(self.inputs.settings or {}))
         bids_path = get_bids_path_from_fname(self.inputs.ephys_file)
         raw = read_ephys(bids_path)
-        onsets, descriptions = events_from_raw(raw)
         orig_sfreq = float(raw.info["sfreq"])
         orig_duration = raw.n_times / orig_sfreq
-        events = pd.DataFrame({"onset": onsets, "description": descriptions})
-        bids_events = _bids_events(self.inputs.ephys_file)
-        if bids_events is not None:
-            # events.tsv is authoritative (mne-bids drops events outside the recording, which
-            # would hide a timing problem from the alignment).
-            events = bids_events
+        # events.tsv is authoritative (mne-bids drops events outside the recording, which would
+        # hide a timing problem from the alignment); the annotations serve when it is absent.
+        events = read_bids_events(self.inputs.ephys_file)
+        if events is None:
+            onsets, descriptions = events_from_raw(raw)
+            events = pd.DataFrame({"onset": onsets, "description": descriptions})
         self._results["events_tsv"] = str(write_tsv(Path(runtime.cwd) / "events.tsv", events))
 
         clean, report = preprocess_raw(raw, settings)
@@ -92,24 +87,8 @@ class PreprocessEphys(SimpleInterface):
                 channels = channels.merge(scores[["name", *extra]], on="name", how="left")
         self._results["channels_tsv"] = str(write_tsv(Path(runtime.cwd) / "channels.tsv", channels))
         self._results.update(raw_file=str(raw_file), sfreq=float(clean.info["sfreq"]),
-                             n_samples=int(clean.n_times), orig_sfreq=orig_sfreq,
-                             orig_duration=float(orig_duration),
                              duration=float(clean.n_times / clean.info["sfreq"]))
         return runtime
-
-
-def _bids_events(ephys_file: str) -> pd.DataFrame | None:
-    import re
-
-    path = Path(re.sub(r"_(eeg|meg)\.[a-z]+$", "_events.tsv", str(ephys_file)))
-    if not path.is_file() or path == Path(ephys_file):
-        return None
-    table = read_tsv(path)
-    column = next((c for c in ("trial_type", "value", "description") if c in table.columns), None)
-    if "onset" not in table.columns or column is None:
-        return None
-    return pd.DataFrame({"onset": table["onset"].astype(float),
-                         "description": table[column].astype(str)})
 
 
 def _bad_reasons(report: dict) -> dict[str, str]:
@@ -238,7 +217,6 @@ class _CropGraphOutputSpec(TraitedSpec):
     ephys_graph = File(exists=True, desc="cosine graph of the EEG/MEG nodes (relmat TSV)")
     fmri_graph = File(exists=True, desc="cosine graph of the fMRI parcels (relmat TSV)")
     ephys_sfreq = traits.Float()
-    ephys_start_time = traits.Float(desc="start of the cropped EEG/MEG series on the common timeline")
 
 
 class CropAndGraph(SimpleInterface):
@@ -261,16 +239,17 @@ class CropAndGraph(SimpleInterface):
         first, n_kept = alignment["first_volume"], alignment["n_volumes_kept"]
         fmri = fmri.iloc[first:first + n_kept].reset_index(drop=True)
         cwd = Path(runtime.cwd)
-        ephys_df = pd.DataFrame(np.asarray(data, dtype=np.float64), columns=list(names))
+        data = np.asarray(data, dtype=np.float64)
+        ephys_df = pd.DataFrame(data, columns=list(names))
         self._results["ephys_timeseries"] = str(write_tsv(cwd / "ephys_timeseries.tsv.gz", ephys_df))
         self._results["fmri_timeseries"] = str(write_tsv(cwd / "fmri_timeseries.tsv", fmri))
-        eg = cosine_graph(np.asarray(data, dtype=np.float64))
+        eg = cosine_graph(data)
         fg = cosine_graph(fmri.to_numpy(dtype=np.float64))
         self._results["ephys_graph"] = str(write_tsv(cwd / "ephys_graph.tsv", _relmat(eg, names)))
         self._results["fmri_graph"] = str(write_tsv(cwd / "fmri_graph.tsv", _relmat(fg, fmri.columns)))
+        # Sample ephys_start_sample lies at the first kept volume: time 0 of the common timeline
+        # (the sidecars' StartTime 0).
         self._results["ephys_sfreq"] = float(sfreq)
-        # Sample ephys_start_sample lies at the first kept volume: time 0 of the common timeline.
-        self._results["ephys_start_time"] = 0.0
         return runtime
 
 
@@ -287,7 +266,6 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     output_dir = traits.Str(mandatory=True)
     entities = traits.Dict(mandatory=True, desc="BIDS entities of the output")
     metadata = traits.Dict(desc="JSON sidecar content (none written when empty)")
-    metadata_file = File(exists=True, desc="JSON file merged into the sidecar")
 
 
 class _SinkOutputSpec(TraitedSpec):
@@ -310,8 +288,6 @@ class DerivativesSink(SimpleInterface):
         copy_file(self.inputs.in_file, out)
         self._results["out_file"] = str(out)
         meta = dict(self.inputs.metadata or {})
-        if self.inputs.metadata_file:
-            meta.update(json.loads(Path(self.inputs.metadata_file).read_text()))
         if meta:
             ents["extension"] = ".json"
             sidecar = derivative_path(self.inputs.output_dir, **ents)
@@ -325,7 +301,6 @@ class DerivativesSink(SimpleInterface):
 class _SidecarInputSpec(BaseInterfaceInputSpec):
     base = traits.Dict(desc="static metadata")
     sampling_frequency = traits.Float(desc="SamplingFrequency (Hz)")
-    start_time = traits.Float(desc="StartTime (s)")
     extra_json = File(exists=True, desc="JSON merged under 'extra_key' (or at top level)")
     extra_key = traits.Str("", usedefault=True)
 
@@ -344,8 +319,6 @@ class MakeSidecar(SimpleInterface):
         meta = dict(self.inputs.base or {})
         if self.inputs.sampling_frequency:
             meta["SamplingFrequency"] = float(self.inputs.sampling_frequency)
-        if self.inputs.start_time is not None and isinstance(self.inputs.start_time, float):
-            meta["StartTime"] = float(self.inputs.start_time)
         if self.inputs.extra_json:
             extra = json.loads(Path(self.inputs.extra_json).read_text())
             if self.inputs.extra_key:
