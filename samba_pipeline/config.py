@@ -119,8 +119,25 @@ class ExecutionSettings:
     config_file: str | None = None
 
 
+#: Nipype execution plugins samba-bids accepts (``--plugin``): local ones, then cluster ones.
+LOCAL_PLUGINS = ("Linear", "MultiProc")
+CLUSTER_PLUGINS = ("SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "PBSGraph", "LSF", "Condor",
+                   "CondorDAGMan", "OAR")
+NIPYPE_PLUGINS = LOCAL_PLUGINS + CLUSTER_PLUGINS
+
+
 @dataclass
 class NipypeSettings:
+    """How Nipype executes the workflow (never part of :meth:`Settings.configuration_hash`).
+
+    ``plugin``/``plugin_args`` come from ``--plugin``/``--plugin-args`` or from the fMRIPrep-style
+    plugin YAML ``use_plugin`` (``plugin:`` + ``plugin_args:``); the command line wins. With a
+    cluster plugin every node that is not ``run_without_submitting`` becomes a batch job
+    (Nipype writes a pickled node and a batch script under the work directory and submits
+    ``sys.executable <script>``), so the work directory must lie on a shared filesystem and the
+    same Python environment must be reachable from the compute nodes.
+    """
+
     plugin: str = "MultiProc"
     plugin_args: dict = field(default_factory=dict)
     use_plugin: str | None = None
@@ -130,6 +147,10 @@ class NipypeSettings:
 
     def resolved_nprocs(self) -> int:
         return self.nprocs if self.nprocs > 0 else max(1, os.cpu_count() or 1)
+
+    def is_cluster(self) -> bool:
+        """True when nodes are submitted to a batch system (SLURM, SGE, PBS, ...)."""
+        return self.plugin in CLUSTER_PLUGINS
 
     def resolved_omp_nthreads(self) -> int:
         if self.omp_nthreads > 0:
@@ -168,6 +189,41 @@ class WorkflowSettings:
     ephys: dict[str, Any] = field(default_factory=dict)
 
 
+MODEL_DIRECTIONS = ("ephys2fmri", "fmri2ephys", "both")
+SPLITS = ("windows", "subjects", "both")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ModelSettings:
+    """Training (group level) and inference (``--model-file``, participant level) settings.
+
+    They change the model files and predictions, never the participant-level preprocessing, so
+    they stay out of :meth:`Settings.configuration_hash`; every model card records them.
+    """
+
+    models: list[str] = field(default_factory=lambda: ["samba"])
+    direction: str = "ephys2fmri"
+    #: "windows": withheld time windows in every run; "subjects": withheld subjects;
+    #: "both": one model, tested on withheld windows of the training subjects and on withheld subjects.
+    split: str = "both"
+    test_subjects: list[str] = field(default_factory=list)
+    train_window: float = 60.0
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    patience: int = 15
+    device: str = "auto"
+    n_gpu_procs: int = 0
+    train_nproc: int = 1
+    mc_dropout: int = 0
+    model_file: str | None = None
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+    def directions(self) -> list[str]:
+        return ["ephys2fmri", "fmri2ephys"] if self.direction == "both" else [self.direction]
+
+
 @dataclass
 class SeedSettings:
     master: int = 0
@@ -188,6 +244,7 @@ class Settings:
     execution: ExecutionSettings = field(default_factory=ExecutionSettings)
     nipype: NipypeSettings = field(default_factory=NipypeSettings)
     workflow: WorkflowSettings = field(default_factory=WorkflowSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
     seeds: SeedSettings = field(default_factory=SeedSettings)
     version: str = __version__
 
@@ -217,6 +274,7 @@ class Settings:
             execution=_build(ExecutionSettings, data.get("execution", {})),
             nipype=_build(NipypeSettings, data.get("nipype", {})),
             workflow=_build(WorkflowSettings, wf),
+            model=_build(ModelSettings, data.get("model", {})),
             seeds=_build(SeedSettings, data.get("seeds", {})),
             version=data.get("version", __version__),
         )
@@ -280,6 +338,11 @@ class Settings:
         # Nipype nodes get their threads explicitly; libraries must not oversubscribe.
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ.setdefault(var, str(self.nipype.resolved_omp_nthreads()))
+        if self.nipype.is_cluster():
+            # Nipype's batch plugins name every job after $LOGNAME, unset in many containers.
+            import getpass
+
+            os.environ.setdefault("LOGNAME", getpass.getuser())
 
 
 def _file_digest(path: str) -> str:

@@ -16,12 +16,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from samba_pipeline.__about__ import __version__
-from samba_pipeline.cli.argtypes import positive_float
+from samba_pipeline.cli.argtypes import nonneg_int, positive_float, positive_int
 from samba_pipeline.config import (
     ANALYSIS_LEVELS,
+    DEVICES,
+    MODEL_DIRECTIONS,
+    NIPYPE_PLUGINS,
     NUISANCE_STRATEGIES,
+    SPLITS,
     AtlasSpec,
     ExecutionSettings,
+    ModelSettings,
     NipypeSettings,
     SeedSettings,
     Settings,
@@ -65,6 +70,13 @@ def _mem_mb(value: str) -> int:
     number, unit = float(match.group(1)), match.group(2).upper()
     factor = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
     return int(number * factor)
+
+
+def _model_names(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names or not all(re.fullmatch(r"[A-Za-z0-9_.-]+", n) for n in names):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of model names")
+    return names
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -190,6 +202,60 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         "h_freq=40 raw_resample_sfreq=250 notch_freq=60 (also an [ephys] table in --config-file)",
     )
 
+    g = parser.add_argument_group("EEG/MEG (ephys) options",
+                                  "shortcuts for --ephys-setting keys; they win over it")
+    g.add_argument("--ephys-space", dest="ephys_space", choices=("source", "sensor"),
+                   default=d(None), help="EEG/MEG nodes: atlas parcels on a template head "
+                   "('source'), or the sensors (default: ephys setting 'space', 'sensor')")
+    g.add_argument("--inverse-method", dest="inverse_method",
+                   choices=("eLORETA", "dSPM", "sLORETA", "MNE"), default=d(None),
+                   help="source-space inverse (default: ephys setting 'inverse_method', eLORETA)")
+    g.add_argument("--source-extract", dest="source_extract", choices=("pca", "mean_flip"),
+                   default=d(None), help="parcel time course from its sources (default: ephys "
+                   "setting 'source_extract', pca = MNE's pca_flip)")
+
+    g = parser.add_argument_group(
+        "Translation model",
+        "group level: train and evaluate the model(s) on the participants' derivatives, then apply "
+        "them to every subject; participant level with --model-file: apply a trained model")
+    g.add_argument("--model", dest="models", type=_model_names, default=d(["samba"]), metavar="NAME[,NAME]",
+                   help="model plugin(s) to train (group level): samba, or any plugin registered "
+                   "under the samba_bids.models entry point")
+    g.add_argument("--direction", dest="direction", choices=MODEL_DIRECTIONS, default=d("ephys2fmri"),
+                   help="translate EEG/MEG to fMRI, fMRI to EEG/MEG, or train both")
+    g.add_argument("--split", dest="split", choices=SPLITS, default=d("both"),
+                   help="what the test metrics withhold: time windows of every run, whole subjects "
+                   "(--test-subjects), or both at once (one model, two test sets)")
+    g.add_argument("--test-subjects", dest="test_subjects", nargs="+", type=_strip_prefix("sub-"),
+                   default=d(None), metavar="LABEL",
+                   help="subjects withheld for testing (default: the last subject label)")
+    g.add_argument("--train-window", dest="train_window", type=positive_float, default=d(60.0),
+                   metavar="SECONDS", help="length of the training/evaluation windows")
+    g.add_argument("--epochs", dest="epochs", type=positive_int, default=d(100), metavar="N",
+                   help="maximum training epochs")
+    g.add_argument("--batch-size", dest="batch_size", type=positive_int, default=d(8), metavar="N",
+                   help="windows per training batch")
+    g.add_argument("--learning-rate", "--lr", dest="lr", type=positive_float, default=d(1e-3),
+                   metavar="LR", help="AdamW learning rate")
+    g.add_argument("--patience", dest="patience", type=nonneg_int, default=d(15), metavar="N",
+                   help="stop after N epochs without validation improvement (0: never stop early)")
+    g.add_argument("--model-setting", dest="model_setting", action="append", default=d(None),
+                   metavar="KEY=VALUE", help="model plugin setting (repeatable), e.g. dropout=0.2")
+    g.add_argument("--device", dest="device", choices=DEVICES, default=d("auto"),
+                   help="where training and inference run (auto: CUDA when available)")
+    g.add_argument("--n-gpu-procs", dest="n_gpu_procs", type=nonneg_int, default=d(0), metavar="N",
+                   help="GPU nodes Nipype's MultiProc runs at once (0: one per visible GPU)")
+    g.add_argument("--train-nproc", dest="train_nproc", type=positive_int, default=d(1), metavar="N",
+                   help="training processes: N > 1 trains with torchrun + DistributedDataParallel "
+                   "(one process per GPU, or gloo processes on CPU)")
+    g.add_argument("--mc-dropout", dest="mc_dropout", type=nonneg_int, default=d(0), metavar="N",
+                   help="Monte-Carlo dropout samples per prediction; writes a per-parcel standard "
+                   "deviation beside each prediction (0: off)")
+    g.add_argument("--model-file", dest="model_file", type=_existing_file, default=d(None),
+                   metavar="PATH", help="participant level: apply this trained model (its .json "
+                   "card or .safetensors weights); subjects with only EEG/MEG (or only fMRI) get "
+                   "predictions too")
+
     g = parser.add_argument_group("Performance")
     g.add_argument("--nprocs", "--nthreads", "--n-cpus", "--n_cpus", dest="nprocs", type=int,
                    default=d(0), metavar="N", help="processes Nipype may run at once (0: all CPUs)")
@@ -199,7 +265,17 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                    metavar="MB", help="memory Nipype may schedule (unit suffix allowed, e.g. 8G)")
     g.add_argument("--use-plugin", "--nipype-plugin-file", dest="use_plugin", type=_existing_file,
                    default=d(None), metavar="FILE",
-                   help="YAML with 'plugin:' and 'plugin_args:' for Nipype's execution")
+                   help="YAML with 'plugin:' and 'plugin_args:' for Nipype's execution "
+                   "(fMRIPrep's format); --plugin and --plugin-args win over it")
+    g.add_argument("--plugin", "--nipype-plugin", dest="plugin", choices=NIPYPE_PLUGINS, default=d(None),
+                   help="Nipype execution plugin (default MultiProc, Linear with --nprocs 1); the "
+                   "cluster plugins submit every node as a batch job, which needs the work "
+                   "directory and the Python environment on a shared filesystem")
+    g.add_argument("--plugin-args", "--plugin_args", dest="plugin_args", nargs="+", default=d(None),
+                   metavar="JSON|KEY=VALUE",
+                   help="Nipype plugin arguments as one JSON object or KEY=VALUE pairs (values read as "
+                   "JSON when possible), e.g. '{\"sbatch_args\": \"-p short --mem=8G\"}' or "
+                   "max_jobs=20")
 
     g = parser.add_argument_group("Run control")
     g.add_argument("-w", "--work-dir", dest="work_dir", type=Path, default=d(None), metavar="DIR",
@@ -221,7 +297,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
 # Options that hold paths (resolved against the current directory).
 _PATH_DESTS = {"bids_dir", "output_dir", "work_dir", "fmriprep_dir", "templateflow_home",
-               "bids_database_dir", "bids_filter_file", "use_plugin", "config_file"}
+               "bids_database_dir", "bids_filter_file", "use_plugin", "config_file", "model_file"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
@@ -254,14 +330,20 @@ def _read_config_file(path: Path, parser: argparse.ArgumentParser) -> tuple[dict
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise SambaUsageError(f"cannot read TOML configuration: {exc}", path=path) from None
     dests = {a.dest for a in parser._actions}
+    # Long option names map to their dest too (e.g. "model" -> models, "learning_rate" -> lr).
+    aliases = {opt.lstrip("-").replace("-", "_"): a.dest for a in parser._actions
+               for opt in a.option_strings if opt.startswith("--")}
     values: dict[str, Any] = {}
     ephys: dict[str, Any] = {}
 
     def visit(table: dict, section: str | None):
         for key, value in table.items():
             dest = key.replace("-", "_")
+            dest = dest if dest in dests or dest == "ephys" else aliases.get(dest, dest)
             if isinstance(value, dict) and dest == "ephys":
                 ephys.update(value)
+            elif isinstance(value, dict) and dest == "plugin_args":
+                values[dest] = value
             elif isinstance(value, dict) and section is None:
                 visit(value, dest)
             elif dest in dests and dest not in {"help", "version", "config_file"}:
@@ -359,6 +441,10 @@ def settings_from_args(args: argparse.Namespace, ephys_table: dict | None = None
     ephys = dict(ephys_table or {})
     ephys.update({k: _coerce(v) for k, v in
                   _parse_key_values(args.ephys_setting, "--ephys-setting").items()})
+    for dest, key in (("ephys_space", "space"), ("inverse_method", "inverse_method"),
+                      ("source_extract", "source_extract")):
+        if getattr(args, dest, None) is not None:
+            ephys[key] = getattr(args, dest)
     _check_ephys_settings(ephys)
 
     if args.nprocs < 0 or args.omp_nthreads < 0 or args.mem_mb < 0:
@@ -370,6 +456,13 @@ def settings_from_args(args: argparse.Namespace, ephys_table: dict | None = None
     if args.use_plugin:
         nipype.use_plugin = str(args.use_plugin)
         nipype.plugin, nipype.plugin_args = _read_plugin_file(Path(args.use_plugin))
+    cli_plugin_args = _plugin_args(args.plugin_args)
+    if args.plugin and args.plugin != nipype.plugin:  # another plugin: the file's arguments are not for it
+        nipype.plugin, nipype.plugin_args = str(args.plugin), {}
+    nipype.plugin_args = {**nipype.plugin_args, **cli_plugin_args}
+    if nipype.plugin not in NIPYPE_PLUGINS:
+        raise SambaUsageError(f"unknown Nipype plugin {nipype.plugin!r}; choose one of: "
+                              + ", ".join(NIPYPE_PLUGINS))
 
     workflow = WorkflowSettings(
         ephys_atlas=ephys_atlas,
@@ -407,7 +500,20 @@ def settings_from_args(args: argparse.Namespace, ephys_table: dict | None = None
         run_uuid=new_run_uuid(),
         config_file=str(args.config_file) if args.config_file else None,
     )
-    return Settings(execution=execution, nipype=nipype, workflow=workflow,
+    model = ModelSettings(
+        models=list(args.models) if not isinstance(args.models, str) else _model_names(args.models),
+        direction=args.direction, split=args.split, test_subjects=list(args.test_subjects or []),
+        train_window=float(args.train_window), epochs=int(args.epochs), batch_size=int(args.batch_size),
+        lr=float(args.lr), patience=int(args.patience), device=args.device,
+        n_gpu_procs=int(args.n_gpu_procs), train_nproc=int(args.train_nproc), mc_dropout=int(args.mc_dropout),
+        model_file=str(Path(args.model_file).absolute()) if args.model_file else None,
+        model_config={k: _coerce(v) for k, v in
+                      _parse_key_values(args.model_setting, "--model-setting").items()},
+    )
+    if model.model_file and level != "participant":
+        raise SambaUsageError("--model-file applies a trained model at the participant level; the "
+                              "group level trains its own")
+    return Settings(execution=execution, nipype=nipype, workflow=workflow, model=model,
                     seeds=SeedSettings(master=int(args.random_seed)))
 
 
@@ -433,6 +539,24 @@ def _read_plugin_file(path: Path) -> tuple[str, dict]:
     if not isinstance(args, dict):
         raise SambaUsageError("'plugin_args:' must be a mapping", path=path)
     return str(data["plugin"]), args
+
+
+def _plugin_args(value) -> dict[str, Any]:
+    """``--plugin-args``: one JSON object, or KEY=VALUE pairs (a TOML table is taken as it is)."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    items = [value] if isinstance(value, str) else list(value)
+    if len(items) == 1 and items[0].lstrip().startswith("{"):
+        try:
+            parsed = json.loads(items[0])
+        except json.JSONDecodeError as exc:
+            raise SambaUsageError(f"--plugin-args is not valid JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise SambaUsageError("--plugin-args JSON must be an object")
+        return parsed
+    return {k: _coerce(v) for k, v in _parse_key_values(items, "--plugin-args").items()}
 
 
 def settings_to_cli_toml(settings: Settings) -> dict[str, Any]:
@@ -468,6 +592,24 @@ def settings_to_cli_toml(settings: Settings) -> dict[str, Any]:
         "mem_mb": ny.mem_mb,
         "random_seed": settings.seeds.master,
     }
+    plugin_args = {k: v for k, v in ny.plugin_args.items() if v is not None}
+    if ny.plugin != "MultiProc" or plugin_args:  # the default stays out: a --use-plugin file may set it
+        table["plugin"] = ny.plugin
+    if plugin_args:
+        table["plugin_args"] = plugin_args
+    md = settings.model
+    table.update({
+        "model": ",".join(md.models), "direction": md.direction, "split": md.split,
+        "train_window": md.train_window, "epochs": md.epochs, "batch_size": md.batch_size,
+        "learning_rate": md.lr, "patience": md.patience, "device": md.device,
+        "n_gpu_procs": md.n_gpu_procs, "train_nproc": md.train_nproc, "mc_dropout": md.mc_dropout,
+    })
+    if md.test_subjects:
+        table["test_subjects"] = md.test_subjects
+    if md.model_file:
+        table["model_file"] = md.model_file
+    if md.model_config:
+        table["model_setting"] = [f"{k}={json.dumps(v)}" for k, v in md.model_config.items()]
     if ex.templateflow_home:
         table["templateflow_home"] = ex.templateflow_home
     if wf.ephys:

@@ -51,6 +51,8 @@ from samba_pipeline.training.splits import (
     make_datasets,
     split_by_subject,
     split_by_time,
+    split_by_time_and_subject,
+    withheld_sets,
 )
 from samba_pipeline.training.trainer import (
     TrainingStopped,
@@ -71,5 +73,6 @@ __all__ = [
     "evaluate_predictions", "load_checkpoint", "load_model", "load_runs", "make_datasets", "make_dims",
     "pearson", "predict", "predict_run", "read_model_card", "region_map_for", "resolve_amp", "resolve_device",
     "save_checkpoint", "save_model", "score", "seed_everything", "snapped_window_s", "spearman",
-    "split_by_subject", "split_by_time", "train", "window_volumes", "write_metrics",
+    "split_by_subject", "split_by_time", "split_by_time_and_subject", "train", "withheld_sets",
+    "window_volumes", "write_metrics",
 ]

@@ -311,9 +311,12 @@ def _load_run(out: Path, alignment: Path, ents: dict, direction: str, fmri_atlas
     stem = alignment.name[: -len("_alignment.json")]
     folder = alignment.parent
     info = _read_json(alignment)
+    # sensor space: <stem>_desc-preproc_timeseries; source space adds _space-<T>_atlas-<A>[...]
+    ephys_name = re.compile(re.escape(stem) + r"(_(space|atlas|seg|scale)-[a-zA-Z0-9]+)*"
+                            r"_desc-preproc_timeseries\.tsv(\.gz)?")
     ephys_files = sorted(p for d in ("eeg", "meg")
-                         for p in (folder / d).glob(f"{stem}_desc-preproc_timeseries.tsv*")
-                         if p.name.endswith((".tsv", ".tsv.gz")))
+                         for p in (folder / d).glob(f"{stem}_*desc-preproc_timeseries.tsv*")
+                         if ephys_name.fullmatch(p.name))
     ephys_file = _one(ephys_files, f"EEG/MEG time series ({stem}_desc-preproc_timeseries.tsv.gz)", folder)
     fmri_files = sorted((folder / "func").glob(f"{stem}_*stat-mean_timeseries.tsv"))
     if fmri_atlas:
@@ -349,7 +352,8 @@ def _load_run(out: Path, alignment: Path, ents: dict, direction: str, fmri_atlas
             raise SambaInputError(f"{ephys.shape[1]} samples but the alignment kept {n_eph} "
                                   f"({alignment.name}); re-run the participant level", path=ephys_file)
 
-    ephys_graph_file = ephys_file.parent / f"{stem}_desc-preproc_stat-cosine_relmat.tsv"
+    ephys_graph_file = ephys_file.parent / re.sub(r"_timeseries\.tsv(\.gz)?$",
+                                                  "_stat-cosine_relmat.tsv", ephys_file.name)
     fmri_graph_file = fmri_file.with_name(fmri_file.name.replace("_stat-mean_timeseries.tsv",
                                                                  "_stat-cosine_relmat.tsv"))
     ephys_graph = _read_relmat(ephys_graph_file, ephys_names, "EEG/MEG cosine graph")

@@ -21,12 +21,14 @@ from samba_pipeline.models.base import Batch
 
 @torch.no_grad()
 def predict_run(model: torch.nn.Module, source, *, source_mean=None, source_std=None,
-                batch_size: int = 16, device: str | torch.device = "cpu") -> np.ndarray:
+                batch_size: int = 16, device: str | torch.device = "cpu", dropout: bool = False
+                ) -> np.ndarray:
     """Predict the target series ``[n_target, n_out]`` of a whole source series ``[n_source, n]``.
 
     ``n`` is at the model's source rate (``model.dims.source_sfreq``) and must hold at least one
     window; ``n_out = floor(n / source_sfreq * target_sfreq)``. ``source_mean``/``source_std``
-    (per node) default to the series' own statistics.
+    (per node) default to the series' own statistics. ``dropout=True`` keeps the dropout layers
+    active (one Monte-Carlo dropout sample; everything else in evaluation mode).
     """
     dims = model.dims
     x = np.asarray(source.detach().cpu() if isinstance(source, torch.Tensor) else source, dtype=np.float64)
@@ -56,8 +58,12 @@ def predict_run(model: torch.nn.Module, source, *, source_mean=None, source_std=
     if len(onsets) > n_windows:
         fill_from[-1] = min(int(to_sample(n_windows * dims.window_s, dims.target_sfreq)), n_out)
 
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
+    if dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+                module.train()
     device = torch.device(device)
     out = np.zeros((dims.n_target, n_out), dtype=np.float32)
     try:
@@ -70,5 +76,6 @@ def predict_run(model: torch.nn.Module, source, *, source_mean=None, source_std=
                 stop = tgt_starts[i] + dims.target_len
                 out[:, fill_from[i]:stop] = pred[j][:, fill_from[i] - tgt_starts[i]:]
     finally:
-        model.train(was_training)
+        for module, mode in modes.items():
+            module.training = mode
     return out

@@ -198,6 +198,48 @@ def split_by_subject(runs: Sequence[RunData], test_subjects: Iterable[str], *,
     return split
 
 
+def split_by_time_and_subject(runs: Sequence[RunData], test_subjects: Iterable[str], *,
+                              window_s: float = 60.0, val_fraction: float = 0.15,
+                              test_fraction: float = 0.15, gap_s: float = DEFAULT_GAP_S) -> Split:
+    """One split with two test sets: the test subjects' runs are withheld whole, and every other
+    run is cut in time (train, validation and test blocks as :func:`split_by_time` cuts them).
+
+    The test part then holds both withheld windows of the training subjects and withheld
+    subjects; :func:`withheld_sets` separates them for evaluation.
+    """
+    test = {str(s).removeprefix("sub-") for s in test_subjects}
+    subjects = {r.subject for r in runs}
+    if not test:
+        raise SambaUsageError("no test subject given")
+    if test - subjects:
+        raise SambaUsageError(f"test subject(s) {sorted(test - subjects)} not among {sorted(subjects)}")
+    if not subjects - test:
+        raise SambaUsageError("every subject is withheld; none is left to train on")
+    segments = []
+    for i, run in enumerate(runs):
+        if run.subject in test:
+            segments.append(Segment(i, "test", 0, run.n_volumes))
+            continue
+        sub = split_by_time([run], window_s=window_s, val_fraction=val_fraction,
+                            test_fraction=test_fraction, gap_s=gap_s)
+        segments.extend(Segment(i, s.part, s.start, s.stop) for s in sub.segments)
+    split = Split(segments=segments, gap_s=float(gap_s), kind="time+subject", run_keys=[r.key for r in runs])
+    check_split(split, runs)
+    return split
+
+
+def withheld_sets(runs: Sequence[RunData], split: Split, test_subjects: Iterable[str] = ()
+              ) -> dict[str, list[Segment]]:
+    """The test segments grouped as ``{"withheld_windows": [...], "withheld_subjects": [...]}``
+    (empty groups left out): segments of the test subjects vs those of the training subjects."""
+    test = {str(s).removeprefix("sub-") for s in test_subjects}
+    groups: dict[str, list[Segment]] = {}
+    for seg in split.part("test"):
+        name = "withheld_subjects" if runs[seg.run].subject in test else "withheld_windows"
+        groups.setdefault(name, []).append(seg)
+    return groups
+
+
 def make_datasets(runs: Sequence[RunData], split: Split, *, window_s: float = 60.0,
                   train_step_s: float | None = None, eval_window_s: float | None = None
                   ) -> dict[str, WindowDataset]:
