@@ -219,8 +219,9 @@ def test_settings_round_trip_and_validation():
     assert custom.ch_types == ("mag", "grad")
     with pytest.raises(SambaUsageError, match="unknown EEG/MEG option"):
         EphysSettings.from_dict({"hfreq": 40})
-    with pytest.raises(SambaUsageError, match="not implemented"):
-        EphysSettings(space="source")
+    assert EphysSettings(space="source").space == "source"  # tests/test_source.py
+    with pytest.raises(SambaUsageError, match="choose from"):
+        EphysSettings(space="surface")
     with pytest.raises(SambaUsageError):
         EphysSettings(l_freq=50, h_freq=40)
     with pytest.raises(SambaUsageError):

@@ -46,7 +46,7 @@ from samba_pipeline.errors import SambaInputError, SambaUsageError
 LOGGER = logging.getLogger(__name__)
 
 _CH_TYPE_CHOICES = ("eeg", "meg", "mag", "grad")
-_SPACE_CHOICES = ("sensor",)
+_SPACE_CHOICES = ("sensor", "source")
 
 #: Band used by the bad-channel criteria (Hz); it excludes slow drifts and line noise.
 DETECTION_BAND = (1.0, 40.0)
@@ -100,6 +100,20 @@ class EphysSettings:
     noisy_z_threshold: float = 5.0
     correlation_threshold: float | None = 0.4
     interpolate_bads: bool = True
+    # source space (samba_pipeline.ephys.source): template head, inverse, parcel extraction
+    inverse_method: str = "eLORETA"
+    source_extract: str = "pca"
+    noise_cov: str | Sequence[float | None] = "empirical"
+    inverse_snr: float = 3.0
+    depth: float | None = 0.8
+    source_spacing: float = 8.0
+    # MR artifacts of simultaneous EEG-fMRI (samba_pipeline.ephys.artifacts): "auto" corrects
+    # when the volume- / heartbeat-locked mean explains > 10 % of the variance; False = off
+    gradient_correction: bool | str = "auto"
+    bcg_correction: bool | str = "auto"
+    ecg_channel: str | None = None
+    artifact_template_epochs: int = 21
+    gradient_upsample: int = 10
 
     def __post_init__(self) -> None:
         if isinstance(self.ch_types, str):
@@ -110,10 +124,8 @@ class EphysSettings:
                 f"ch_types={list(self.ch_types)} is invalid; use any of {list(_CH_TYPE_CHOICES)}"
             )
         if self.space not in _SPACE_CHOICES:
-            raise SambaUsageError(
-                f"space={self.space!r} is not implemented yet; only 'sensor' is supported "
-                "(source-space ephys comes in a later version)"
-            )
+            raise SambaUsageError(f"space={self.space!r}; choose from {list(_SPACE_CHOICES)}")
+        self._check_source_options()
         for name in ("l_freq", "h_freq", "raw_resample_sfreq"):
             value = getattr(self, name)
             if value is not None:
@@ -155,6 +167,43 @@ class EphysSettings:
                     f"correlation_threshold={self.correlation_threshold!r} must lie in (0, 1)"
                 )
             self.correlation_threshold = value
+
+    def _check_source_options(self) -> None:
+        from samba_pipeline.ephys.source import EXTRACT_MODES, INVERSE_METHODS, NOISE_COV_CHOICES
+
+        if self.inverse_method not in INVERSE_METHODS:
+            raise SambaUsageError(
+                f"inverse_method={self.inverse_method!r}; choose from {list(INVERSE_METHODS)}")
+        if self.source_extract not in EXTRACT_MODES:
+            raise SambaUsageError(
+                f"source_extract={self.source_extract!r}; choose from {list(EXTRACT_MODES)}")
+        cov = self.noise_cov
+        if isinstance(cov, str):
+            if cov not in NOISE_COV_CHOICES:
+                raise SambaUsageError(f"noise_cov={cov!r}; use {list(NOISE_COV_CHOICES)} or a "
+                                      "baseline [tmin, tmax] in seconds")
+        else:
+            try:
+                pair = [None if v is None else float(v) for v in cov]
+            except (TypeError, ValueError):
+                pair = []
+            if len(pair) != 2 or (None not in pair and pair[0] >= pair[1]):
+                raise SambaUsageError(f"noise_cov={cov!r}; a baseline is [tmin, tmax] in seconds "
+                                      "(tmin < tmax; null for the recording's start or end)")
+            self.noise_cov = tuple(pair)
+        self.inverse_snr = _positive_float("inverse_snr", self.inverse_snr)
+        if self.depth is not None:
+            self.depth = float(self.depth)
+            if not 0.0 <= self.depth <= 1.0:
+                raise SambaUsageError(f"depth={self.depth} must lie in [0, 1] (or null)")
+        self.source_spacing = _positive_float("source_spacing", self.source_spacing)
+        for name in ("gradient_correction", "bcg_correction"):
+            if getattr(self, name) not in (True, False, "auto"):
+                raise SambaUsageError(f"{name}={getattr(self, name)!r}; use true, false or 'auto'")
+        for name in ("artifact_template_epochs", "gradient_upsample"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SambaUsageError(f"{name}={value!r} must be a positive integer")
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | None) -> EphysSettings:
@@ -461,7 +510,8 @@ _FIR_KWARGS = dict(method="fir", phase="zero", fir_window="hamming", fir_design=
 
 
 def preprocess_raw(
-    raw: mne.io.BaseRaw, settings: EphysSettings | None = None
+    raw: mne.io.BaseRaw, settings: EphysSettings | None = None,
+    volume_onsets: np.ndarray | None = None,
 ) -> tuple[mne.io.BaseRaw, dict[str, Any]]:
     """Preprocess one continuous EEG/MEG recording in sensor space.
 
@@ -500,7 +550,10 @@ def preprocess_raw(
             path=source,
         )
     stim_picks = mne.pick_types(raw.info, meg=False, stim=True, exclude=())
-    keep = np.union1d(data_picks, stim_picks)
+    ecg_picks = mne.pick_types(raw.info, meg=False, ecg=True, exclude=())
+    if settings.ecg_channel is not None and settings.ecg_channel in raw.ch_names:
+        ecg_picks = np.array([raw.ch_names.index(settings.ecg_channel)])
+    keep = np.union1d(np.union1d(data_picks, stim_picks), ecg_picks)
     raw = _picked_copy(raw, keep)
     sfreq_orig = float(raw.info["sfreq"])
     n_times_orig = raw.n_times
@@ -510,6 +563,17 @@ def preprocess_raw(
         montage = mne.channels.make_standard_montage(settings.eeg_template_montage)
         raw.set_montage(montage, match_case=False, on_missing="warn", verbose=False)
     _tick("pick")
+
+    # 1b. MR artifacts (gradient, then ballistocardiogram), at the original rate, unfiltered
+    mr_report = _correct_mr_artifacts(raw, settings, volume_onsets, source)
+    ecg_names = [raw.ch_names[i] for i in mne.pick_types(raw.info, meg=False, ecg=True, exclude=())]
+    if settings.ecg_channel in raw.ch_names and settings.ecg_channel not in ecg_names:
+        ecg_names.append(settings.ecg_channel)
+    data_names = [raw.ch_names[i] for i in _data_picks(raw.info, settings.ch_types, exclude=())]
+    ecg_names = [c for c in ecg_names if c not in data_names]
+    if ecg_names:
+        raw.drop_channels(ecg_names)
+    _tick("mr_artifacts")
 
     # 2. bads already known (channels.tsv via MNE-BIDS)
     bads_known = [b for b in raw.info["bads"] if b in raw.ch_names]
@@ -649,8 +713,9 @@ def preprocess_raw(
             "fir_design": "firwin",
             "resample_method": "polyphase",
         },
+        "mr_artifacts": mr_report,
         "processing_order": [
-            "pick", "notch", "resample", "detect_bads", "bandpass", "interpolate", "reference"
+            "pick", "mr_artifacts", "notch", "resample", "detect_bads", "bandpass", "interpolate", "reference"
         ],
         "thresholds": {
             "noisy_z_threshold": settings.noisy_z_threshold,
@@ -663,6 +728,52 @@ def preprocess_raw(
         "settings": settings.to_dict(),
     }
     return raw, report
+
+
+def _correct_mr_artifacts(raw: mne.io.BaseRaw, settings: EphysSettings,
+                          volume_onsets: np.ndarray | None, source: str | None) -> dict[str, Any]:
+    """Gradient and ballistocardiogram correction of ``raw`` in place (artifacts module)."""
+    from samba_pipeline.ephys import artifacts
+
+    sfreq = float(raw.info["sfreq"])
+    report: dict[str, Any] = {}
+    data_picks = _data_picks(raw.info, settings.ch_types, exclude=())
+    ecg_picks = mne.pick_types(raw.info, meg=False, ecg=True, exclude=())
+    if settings.ecg_channel in raw.ch_names:
+        ecg_picks = np.union1d(ecg_picks, [raw.ch_names.index(settings.ecg_channel)])
+    grad_picks = np.union1d(data_picks, ecg_picks).astype(int)
+    if settings.gradient_correction is False:
+        report["gradient"] = {"applied": False, "reason": "gradient_correction = false"}
+    elif volume_onsets is None or len(volume_onsets) < 3:
+        if settings.gradient_correction is True:
+            raise SambaInputError("gradient_correction = true needs the scanner volume triggers",
+                                  path=source)
+        report["gradient"] = {"applied": False, "reason": "no volume triggers"}
+    else:
+        def _grad(x):
+            x, report["gradient"] = artifacts.remove_gradient_artifact(
+                x, sfreq, volume_onsets, n_template=settings.artifact_template_epochs,
+                upsample=settings.gradient_upsample, mode=settings.gradient_correction,
+                source=source)
+            return x
+
+        raw.apply_function(_grad, picks=grad_picks, channel_wise=False, verbose=False)
+    if settings.bcg_correction is False:
+        report["bcg"] = {"applied": False, "reason": "bcg_correction = false"}
+    elif len(ecg_picks) == 0 and settings.bcg_correction == "auto":
+        report["bcg"] = {"applied": False, "reason": "no ECG channel"}
+    else:
+        peaks, ecg_name = artifacts.find_r_peaks(raw, settings.ecg_channel, source)
+
+        def _bcg(x):
+            x, report["bcg"] = artifacts.remove_bcg_artifact(
+                x, sfreq, peaks, n_template=settings.artifact_template_epochs,
+                mode=settings.bcg_correction, source=source)
+            return x
+
+        raw.apply_function(_bcg, picks=data_picks, channel_wise=False, verbose=False)
+        report["bcg"]["ecg_channel"] = ecg_name
+    return report
 
 
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -687,13 +798,17 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
 def ephys_timeseries(
     raw: mne.io.BaseRaw, start_sample: int | None = None, stop_sample: int | None = None
 ) -> tuple[np.ndarray, list[str], float]:
-    """Sensor time series as a (n_times, n_channels) float32 array.
+    """Sensor (or parcel) time series as a (n_times, n_channels) float32 array.
 
     Good EEG/MEG data channels only (channels still marked bad and stim channels are left
-    out), in SI units (V, T, T/m). ``start_sample``/``stop_sample`` index samples of ``raw``
-    counted from its first sample (0 = ``raw.times[0]``), stop exclusive.
+    out), in SI units (V, T, T/m). A recording without EEG/MEG channels holds source-space
+    parcel time courses (``misc`` channels, see :mod:`samba_pipeline.ephys.source`); those are
+    returned instead. ``start_sample``/``stop_sample`` index samples of ``raw`` counted from
+    its first sample (0 = ``raw.times[0]``), stop exclusive.
     """
     picks = mne.pick_types(raw.info, meg=True, eeg=True, ref_meg=False, exclude="bads")
+    if len(picks) == 0:
+        picks = mne.pick_types(raw.info, misc=True, exclude="bads")
     start = 0 if start_sample is None else int(start_sample)
     stop = raw.n_times if stop_sample is None else int(stop_sample)
     if not 0 <= start < stop <= raw.n_times:

@@ -27,6 +27,9 @@ from samba_pipeline.bids.derivatives import read_tsv, write_json, write_tsv
 class _PreprocessEphysInputSpec(BaseInterfaceInputSpec):
     ephys_file = File(exists=True, mandatory=True, desc="raw EEG/MEG recording in a BIDS dataset")
     settings = traits.Dict(desc="EEG/MEG settings (MNE-BIDS-Pipeline names)")
+    atlas_file = File(exists=True, desc="EEG/MEG atlas dseg image (source space)")
+    atlas_table = File(exists=True, desc="EEG/MEG atlas label table (source space)")
+    volume_trigger = traits.List(traits.Str, desc="volume marker names (MR gradient correction)")
 
 
 class _PreprocessEphysOutputSpec(TraitedSpec):
@@ -39,7 +42,12 @@ class _PreprocessEphysOutputSpec(TraitedSpec):
 
 
 class PreprocessEphys(SimpleInterface):
-    """Read an EEG/MEG recording with mne-bids and preprocess it (filters, bads, reference)."""
+    """Read an EEG/MEG recording with mne-bids and preprocess it (filters, bads, reference).
+
+    With ``space = "source"`` the preprocessed sensors are projected onto the EEG/MEG atlas'
+    parcels (:mod:`samba_pipeline.ephys.source`), and ``raw_file`` holds the parcel time
+    courses (``misc`` channels named after the parcels) instead of the sensors.
+    """
 
     input_spec = _PreprocessEphysInputSpec
     output_spec = _PreprocessEphysOutputSpec
@@ -63,10 +71,20 @@ class PreprocessEphys(SimpleInterface):
             events = pd.DataFrame({"onset": onsets, "description": descriptions})
         self._results["events_tsv"] = str(write_tsv(Path(runtime.cwd) / "events.tsv", events))
 
-        clean, report = preprocess_raw(raw, settings)
+        from samba_pipeline.align import VOLUME_TRIGGER_NAMES, find_volume_triggers
+
+        names = tuple(self.inputs.volume_trigger or VOLUME_TRIGGER_NAMES)
+        volumes = find_volume_triggers(events["onset"].to_numpy(float),
+                                       events["description"].astype(str).to_numpy(), names=names,
+                                       path=self.inputs.ephys_file)
+        clean, report = preprocess_raw(raw, settings, volume_onsets=volumes)
+        report = dict(report)
+        if settings.space == "source":
+            clean, report["source_space"] = _to_source_space(clean, settings, self.inputs.atlas_file,
+                                                       self.inputs.atlas_table,
+                                                       self.inputs.ephys_file)
         raw_file = Path(runtime.cwd) / "preproc_raw.fif"
         clean.save(raw_file, overwrite=True, verbose="error")
-        report = dict(report)
         scores = pd.DataFrame(report.pop("channel_scores", None) or [])
         report.update(orig_sfreq=orig_sfreq, orig_duration=orig_duration,
                       source=str(self.inputs.ephys_file))
@@ -89,6 +107,21 @@ class PreprocessEphys(SimpleInterface):
         self._results.update(raw_file=str(raw_file), sfreq=float(clean.info["sfreq"]),
                              duration=float(clean.n_times / clean.info["sfreq"]))
         return runtime
+
+
+def _to_source_space(clean, settings, atlas_file, atlas_table, ephys_file):
+    """Parcel time courses of the preprocessed recording (see samba_pipeline.ephys.source)."""
+    from samba_pipeline.atlas import read_label_table
+    from samba_pipeline.ephys.source import source_parcel_timeseries
+    from samba_pipeline.errors import SambaUsageError
+
+    if not atlas_file or not atlas_table:
+        raise SambaUsageError(f"{ephys_file}: source space needs the EEG/MEG atlas (image and "
+                              "label table)")
+    return source_parcel_timeseries(
+        clean, atlas_file, read_label_table(Path(atlas_table)), method=settings.inverse_method,
+        extract=settings.source_extract, noise_cov=settings.noise_cov, snr=settings.inverse_snr,
+        depth=settings.depth, spacing_mm=settings.source_spacing)
 
 
 def _bad_reasons(report: dict) -> dict[str, str]:

@@ -258,3 +258,92 @@ def _ref_position(head: HeadModel) -> np.ndarray:
     with mne.utils.use_log_level("error"):
         info.set_montage(head.montage)
     return info["chs"][0]["loc"][:3]
+
+
+# --------------------------------------------------------------------------------------------
+# MR artefacts of simultaneous EEG-fMRI (demo option --mr-artifacts)
+# --------------------------------------------------------------------------------------------
+
+GRADIENT_PEAK_UV = 2000.0
+SLICES_PER_VOLUME = 30
+BCG_UV = 60.0
+ECG_MV = 1.0
+
+
+def add_gradient_artefact(rng: np.random.Generator, data: np.ndarray, sfreq: float,
+                          trigger_samples: np.ndarray, tr: float,
+                          n_slices: int = SLICES_PER_VOLUME) -> np.ndarray:
+    """Add a volume-locked gradient artefact to ``data`` (V), in place; returns it (n_ch, n).
+
+    Each volume has ``n_slices`` slice-selection / read-out gradient pulses (derivatives of
+    Gaussians, as the induced voltage follows dB/dt; 2 samples wide so they stay sampled
+    faithfully). The scanner and EEG clocks are not synchronised: each volume starts up to one
+    sample *before* its trigger sample (a uniform fraction), which is what the sub-sample
+    alignment of the correction has to find. The amplitude drifts by a few percent over the
+    run (head position), and every channel has its own gain and sign (loop area).
+    """
+    n_ch, n = data.shape
+    length = int(round(tr * sfreq))
+    tau = np.arange(length) / sfreq
+    width = 2.0 / sfreq
+    centres = (np.arange(n_slices)[:, None] * tr / n_slices
+               + np.array([0.004, 0.012, 0.022, 0.030])[None, :]).ravel()
+    signs = np.tile([1.0, -0.6, 0.8, -1.0], n_slices)
+    jitter = rng.uniform(0.0, 1.0, len(trigger_samples)) / sfreq
+    drift = 1.0 + 0.05 * np.sin(2 * np.pi * np.arange(len(trigger_samples)) / 97.0
+                                + rng.uniform(0, 2 * np.pi))
+    # (n_vol, L) waveform of each volume at its own fractional onset
+    wave = np.zeros((len(trigger_samples), length))
+    base = tau[None, :] + jitter[:, None]
+    for centre, sign in zip(centres, signs):  # (n_vol, L) per pulse: bounded memory
+        shifted = base - centre
+        wave += sign * (-shifted / width) * np.exp(-0.5 * (shifted / width) ** 2)
+    wave *= drift[:, None]
+    wave /= np.abs(wave).max()
+    gain = rng.uniform(0.3, 1.5, n_ch) * rng.choice([-1.0, 1.0], n_ch) * GRADIENT_PEAK_UV * 1e-6
+    artefact = np.zeros_like(data)
+    for k, start in enumerate(trigger_samples):
+        stop = min(n, start + length)
+        if start >= n:
+            break
+        artefact[:, start:stop] = gain[:, None] * wave[k, : stop - start][None, :]
+    data += artefact
+    return artefact
+
+
+def add_cardiac(rng: np.random.Generator, data: np.ndarray, sfreq: float,
+                ch_pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Add a ballistocardiogram to ``data`` (V) in place; returns ``(ecg (n,), r_peak_samples,
+    bcg (n_ch, n))``.
+
+    Heartbeats at about 67 bpm with slow rate variability; the ECG has a QRS complex and a T
+    wave. Each beat adds, 0.15-0.6 s after its R peak, two waveforms with smooth scalp maps
+    (pulse-driven rotation and translation of the head in the field), with 10 % beat-to-beat
+    amplitude variability.
+    """
+    n_ch, n = data.shape
+    t = np.arange(n) / sfreq
+    peaks, tcur = [], rng.uniform(0.2, 0.8)
+    while tcur < t[-1]:
+        peaks.append(tcur)
+        tcur += 0.9 + 0.05 * np.sin(2 * np.pi * tcur / 17.0) + 0.02 * rng.standard_normal()
+    peaks = np.asarray(peaks)
+    ecg = 5e-6 * rng.standard_normal(n)
+    bcg = np.zeros_like(data)
+    direction = rng.standard_normal((2, 3))
+    centred = ch_pos - ch_pos.mean(0)
+    maps = centred @ direction.T  # (n_ch, 2) smooth scalp maps
+    maps /= np.abs(maps).max(0, keepdims=True)
+    span = int(0.8 * sfreq)
+    for p in peaks:
+        i0 = int(p * sfreq)
+        seg = slice(max(0, i0 - int(0.1 * sfreq)), min(n, i0 + span))
+        tau = t[seg] - p
+        ecg[seg] += ECG_MV * 1e-3 * (np.exp(-0.5 * (tau / 0.01) ** 2)
+                                     + 0.3 * np.exp(-0.5 * ((tau - 0.25) / 0.04) ** 2))
+        lobe1 = np.exp(-0.5 * ((tau - 0.25) / 0.05) ** 2) - 0.5 * np.exp(-0.5 * ((tau - 0.4) / 0.06) ** 2)
+        lobe2 = np.exp(-0.5 * ((tau - 0.32) / 0.08) ** 2)
+        amp = BCG_UV * 1e-6 * (1.0 + 0.1 * rng.standard_normal())
+        bcg[:, seg] += amp * (maps[:, :1] * lobe1[None, :] + 0.7 * maps[:, 1:] * lobe2[None, :])
+    data += bcg
+    return ecg, np.rint(peaks * sfreq).astype(np.int64), bcg
