@@ -39,7 +39,7 @@ def _node_name(text: str) -> str:
 
 
 def init_samba_participant_wf(settings: Settings, pairs: list[RunPair], atlases: dict,
-                              inputs: dict[str, dict]) -> pe.Workflow:
+                              inputs: dict[str, dict], card: dict | None = None) -> pe.Workflow:
     """The whole participant level: one sub-workflow per subject.
 
     ``atlases`` maps ``'ephys'``/``'fmri'`` to resolved :class:`samba_pipeline.atlas.Atlas`;
@@ -49,14 +49,25 @@ def init_samba_participant_wf(settings: Settings, pairs: list[RunPair], atlases:
     subjects = sorted({p.subject for p in pairs})
     for subject in subjects:
         sub_pairs = [p for p in pairs if p.subject == subject]
-        wf.add_nodes([init_single_subject_wf(settings, subject, sub_pairs, atlases, inputs)])
+        wf.add_nodes([init_single_subject_wf(settings, subject, sub_pairs, atlases, inputs, card)])
     return wf
 
 
-def init_single_subject_wf(settings, subject, pairs, atlases, inputs) -> pe.Workflow:
+def init_single_subject_wf(settings, subject, pairs, atlases, inputs, card=None) -> pe.Workflow:
+    """One ``<run>_wf`` per run; with a trained model (``card``, from ``--model-file``) each run
+    also gets its prediction, and runs with only EEG/MEG (or only fMRI) get a prediction-only
+    workflow (see :mod:`samba_pipeline.workflows.translate`)."""
+    from samba_pipeline.workflows import translate
+
     wf = pe.Workflow(name=f"sub_{_node_name(subject)}_wf")
     for pair in pairs:
-        wf.add_nodes([init_run_wf(settings, pair, atlases, inputs[pair.name])])
+        if pair.ephys_file and pair.bold_file:
+            run_wf = init_run_wf(settings, pair, atlases, inputs[pair.name])
+            wf.add_nodes([run_wf])
+            if card is not None:
+                translate.add_paired_prediction(wf, run_wf, settings, pair, atlases, card)
+        else:
+            wf.add_nodes([translate.init_single_modality_wf(settings, pair, atlases, inputs[pair.name], card)])
     return wf
 
 
@@ -70,8 +81,15 @@ def init_run_wf(settings: Settings, pair: RunPair, atlases: dict, facts: dict) -
     fmri_atlas = atlases["fmri"]
     datatype = pair.ephys_datatype or "eeg"
 
-    ephys = pe.Node(PreprocessEphys(ephys_file=pair.ephys_file, settings=dict(wset.ephys)),
+    ephys = pe.Node(PreprocessEphys(ephys_file=pair.ephys_file, settings=dict(wset.ephys),
+                                    volume_trigger=list(wset.volume_trigger)),
                     name="preprocess_ephys", mem_gb=facts["ephys_mem_gb"])
+    # Source space: parcel time courses of the EEG/MEG atlas (named by its template and atlas).
+    ephys_atlas = atlases.get("ephys")
+    source_space = dict(wset.ephys).get("space", "sensor") == "source" and ephys_atlas is not None
+    if source_space:
+        ephys.inputs.atlas_file = str(ephys_atlas.image)
+        ephys.inputs.atlas_table = str(ephys_atlas.table)
     parcellate = pe.Node(
         ParcellateBold(bold_file=pair.bold_file, atlas_file=str(fmri_atlas.image),
                        atlas_table=str(fmri_atlas.table), repetition_time=facts["tr"],
@@ -104,10 +122,20 @@ def init_run_wf(settings: Settings, pair: RunPair, atlases: dict, facts: dict) -
         "NodeFiles": f"bids::{_atlas_rel(fmri_atlas)}",
     }, extra_key="Confounds")
     fmri_meta_node = pe.Node(fmri_meta, name="fmri_meta", run_without_submitting=True)
-    ephys_meta_node = pe.Node(MakeSidecar(base={
+    ephys_base = {
         "StartTime": 0.0, "Sources": sources_eeg, "Space": "sensor", "Units": "V",
         "Description": "preprocessed EEG/MEG sensor time series, cropped to the fMRI overlap",
-    }, extra_key="Preprocessing"), name="ephys_meta", run_without_submitting=True)
+    }
+    if source_space:
+        ephys_base.update(
+            Space="source", Atlas=ephys_atlas.spec.label(),
+            NodeFiles=f"bids::{_atlas_rel(ephys_atlas)}",
+            Units="A*m" if dict(wset.ephys).get("inverse_method", "eLORETA") in ("MNE", "eLORETA")
+            else "unitless (noise-normalised)",
+            Description="EEG/MEG source-space parcel time series (template head), cropped to "
+                        "the fMRI overlap")
+    ephys_meta_node = pe.Node(MakeSidecar(base=ephys_base, extra_key="Preprocessing"),
+                              name="ephys_meta", run_without_submitting=True)
 
     relmat_base = {"RelationshipMeasure": "cosine similarity of mean-centred time series",
                    "Weighted": True, "Directed": False, "ValidDiagonal": True, "StorageFormat": "Full"}
@@ -125,10 +153,13 @@ def init_run_wf(settings: Settings, pair: RunPair, atlases: dict, facts: dict) -
     ds_confounds = sink("confounds_qc", dict(ents, datatype="func", desc="confounds", suffix="qc",
                                             extension=".json"))
     eph_ents = dict(ents, datatype=datatype, desc="preproc")
+    if source_space:
+        eph_ents.update(space=ephys_atlas.template, **_atlas_ents(ephys_atlas))
     ds_ephys_ts = sink("ephys_timeseries", dict(eph_ents, suffix="timeseries", extension=".tsv.gz"))
     ds_ephys_graph = sink("ephys_graph", dict(eph_ents, stat="cosine", suffix="relmat", extension=".tsv"),
                           metadata=dict(relmat_base, Sources=sources_eeg))
-    ds_channels = sink("ephys_channels", dict(eph_ents, suffix="channels", extension=".tsv"))
+    ds_channels = sink("ephys_channels", dict(ents, datatype=datatype, desc="preproc",
+                                              suffix="channels", extension=".tsv"))
     ds_alignment = sink("alignment", dict(ents, suffix="alignment", extension=".json"))
     ds_windows = sink("windows", dict(ents, suffix="windows", extension=".tsv"))
 

@@ -70,9 +70,11 @@ class PairingReport:
     layout: object = None
 
     def summary(self) -> str:
-        lines = [f"{len(self.pairs)} EEG/MEG-fMRI pair(s) to process:"]
-        lines += [f"  {p.name}: {Path(p.ephys_file).name} + {Path(p.bold_file).name} ({p.bold_source})"
-                  for p in self.pairs]
+        lines = [f"{len(self.pairs)} run(s) to process:"]
+        for p in self.pairs:
+            eph = Path(p.ephys_file).name if p.ephys_file else "no EEG/MEG"
+            bold = f"{Path(p.bold_file).name} ({p.bold_source})" if p.bold_file else "no fMRI"
+            lines.append(f"  {p.name}: {eph} + {bold}")
         if self.skipped:
             lines.append(f"{len(self.skipped)} item(s) skipped:")
             lines += [f"  {s}" for s in self.skipped]
@@ -159,8 +161,12 @@ def check_participant_labels(settings: Settings) -> list[str]:
     return on_disk
 
 
-def collect_pairs(settings: Settings, layout=None) -> PairingReport:
-    """Find the EEG/MEG and fMRI runs to process, honouring every filter in ``settings``."""
+def collect_pairs(settings: Settings, layout=None, unpaired: str | None = None) -> PairingReport:
+    """Find the EEG/MEG and fMRI runs to process, honouring every filter in ``settings``.
+
+    ``unpaired="ephys"`` also keeps EEG/MEG recordings without an fMRI run (and ``"fmri"`` fMRI
+    runs without EEG/MEG) as runs with one side missing: a trained model predicts the other side.
+    """
     ex = settings.execution
     check_participant_labels(settings)
     layout = layout or build_layout(settings)
@@ -195,8 +201,14 @@ def collect_pairs(settings: Settings, layout=None) -> PairingReport:
             query.update({k: v for k, v in _filters(settings, "bold").items() if k != "space"})
             bolds = layout.get(scope="raw", subject=subject, **query)
             source = "raw"
+        if not ephys_files and unpaired == "fmri" and bolds:
+            report.pairs.extend(_make_pair(subject, None, bold, source, layout) for bold in bolds)
+            continue
         if not ephys_files:
             report.skipped.append(f"sub-{subject}: no EEG/MEG recording matches the filters")
+            continue
+        if not bolds and unpaired == "ephys":
+            report.pairs.extend(_make_pair(subject, eph, None, source, layout) for eph in ephys_files)
             continue
         if not bolds:
             where = f"in {fmriprep}" if fmriprep else "(no fMRIPrep derivatives given)"
@@ -204,7 +216,7 @@ def collect_pairs(settings: Settings, layout=None) -> PairingReport:
                 f"sub-{subject}: no preprocessed BOLD in space {settings.workflow.fmri_space} {where}"
             )
             continue
-        report.pairs.extend(_pair_subject(subject, ephys_files, bolds, source, layout, report))
+        report.pairs.extend(_pair_subject(subject, ephys_files, bolds, source, layout, report, unpaired))
 
     if not report.pairs:
         if not any_ephys:
@@ -231,7 +243,7 @@ def _key(entities: dict) -> tuple:
     return tuple(str(entities.get(k)) if entities.get(k) is not None else None for k in PAIR_ENTITIES)
 
 
-def _pair_subject(subject, ephys_files, bolds, source, layout, report) -> list[RunPair]:
+def _pair_subject(subject, ephys_files, bolds, source, layout, report, unpaired=None) -> list[RunPair]:
     bold_by_key = {}
     for bold in bolds:
         key = _key(bold.get_entities())
@@ -255,20 +267,33 @@ def _pair_subject(subject, ephys_files, bolds, source, layout, report) -> list[R
             same_e = [e for e in ephys_files if _key(e.get_entities())[:2] == key[:2]]
             if len(same) == 1 and len(same_e) == 1:
                 bold = bold_by_key[same[0]]
+        if bold is None and unpaired == "ephys":
+            pairs.append(_make_pair(subject, eph, None, source, layout))
+            continue
         if bold is None:
             report.skipped.append(f"{Path(eph.path).name}: no fMRI run with the same session/task/run")
             continue
         used.add(bold.path)
         pairs.append(_make_pair(subject, eph, bold, source, layout))
     for bold in bolds:
-        if bold.path not in used:
+        if bold.path not in used and unpaired == "fmri":
+            pairs.append(_make_pair(subject, None, bold, source, layout))
+        elif bold.path not in used:
             report.skipped.append(
                 f"{Path(bold.path).name}: no EEG/MEG recording with the same session/task/run")
     return pairs
 
 
 def _make_pair(subject, eph, bold, source, layout) -> RunPair:
-    ents = eph.get_entities()
+    """A run of ``subject``: EEG/MEG file ``eph`` and BOLD ``bold`` (either may be None, not both)."""
+    ents = (eph or bold).get_entities()
+    if eph is None and "run" in ents:  # the run label of an fMRIPrep output is an int
+        ents = dict(ents, run=str(ents["run"]))
+    if bold is None:
+        return RunPair(subject=subject, session=ents.get("session"), task=ents.get("task"),
+                       run=str(ents["run"]) if ents.get("run") is not None else None,
+                       acquisition=ents.get("acquisition"), ephys_file=eph.path,
+                       ephys_datatype=ents.get("datatype"), bold_file=None)
     bents = bold.get_entities()
     mask = confounds = None
     if source == "fmriprep":
@@ -288,8 +313,8 @@ def _make_pair(subject, eph, bold, source, layout) -> RunPair:
         task=ents.get("task"),
         run=str(ents["run"]) if ents.get("run") is not None else None,
         acquisition=ents.get("acquisition"),
-        ephys_file=eph.path,
-        ephys_datatype=ents.get("datatype"),
+        ephys_file=eph.path if eph is not None else None,
+        ephys_datatype=ents.get("datatype") if eph is not None else None,
         bold_file=bold.path,
         bold_json=bold_json if Path(bold_json).is_file() else None,
         mask_file=mask,

@@ -4,7 +4,7 @@ Usage::
 
     samba-bids-demo OUTDIR [--subjects N] [--minutes M] [--seed S] [--resolution-mm R]
                     [--eeg-channels C] [--eeg-sfreq F] [--tr T] [--coarse-parcels K]
-                    [--fine-parcels L] [--truth-dir DIR] [--overwrite] [-v]
+                    [--fine-parcels L] [--truth-dir DIR] [--eeg-only LABEL ...] [--overwrite] [-v]
 
 The BIDS dataset goes to OUTDIR, the ground truth to OUTDIR_groundtruth (or --truth-dir).
 Exit codes: 0 success, 2 bad command line (argparse), 64 settings out of range, 73 OUTDIR (or the
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"fine (fMRI) parcels, > coarse (default {DEFAULT_FINE_PARCELS})")
     p.add_argument("--truth-dir", default=None,
                    help="where to write the ground truth (default OUTDIR_groundtruth)")
+    p.add_argument("--eeg-only", nargs="+", default=[], metavar="LABEL",
+                   help="subjects whose fMRI is withheld (moved into the truth directory): EEG-only "
+                   "subjects to apply a trained model to (samba-bids ... participant --model-file)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing demo dataset in OUTDIR (and its truth directory)")
     p.add_argument("-v", "--verbose", action="count", default=0,
@@ -92,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             truth_dir=args.truth_dir,
             overwrite=args.overwrite,
         )
+        if args.eeg_only:
+            from samba_pipeline.simulate.withhold import withhold_fmri
+
+            withhold_fmri(bids_root, truth_dir, args.eeg_only)
     except SambaError as err:
         if args.verbose >= 2:
             raise

@@ -69,7 +69,15 @@ def check_volume_triggers(pair: RunPair, names: list[str]) -> int:
 
 
 def inspect_pair(pair: RunPair, layout=None, trigger_names: list[str] | None = None) -> dict:
-    """Facts the workflow needs from each pair (TR, volumes, sizes), with early input checks."""
+    """Facts the workflow needs from each pair (TR, volumes, sizes), with early input checks.
+
+    A run with one side missing (``--model-file`` on EEG/MEG-only or fMRI-only data) gets the
+    facts of the side it has; the volume triggers are then optional.
+    """
+    if pair.bold_file is None:
+        return {"tr": None, "n_volumes": None, "bold_mem_gb": 0.0, "ephys_mem_gb": _ephys_mem_gb(pair)}
+    if pair.ephys_file is None:
+        trigger_names = None
     bold = Path(pair.bold_file)
     try:
         img = nb.load(str(bold))
@@ -89,22 +97,27 @@ def inspect_pair(pair: RunPair, layout=None, trigger_names: list[str] | None = N
                 f"confounds file has {n_rows} rows but the BOLD series {bold.name} has {n_volumes} volumes",
                 path=pair.confounds_file)
     n_vox = int(shape[0] * shape[1] * shape[2])
-    ephys_size = Path(pair.ephys_file).stat().st_size
-    for sibling in Path(pair.ephys_file).parent.glob(Path(pair.ephys_file).stem + ".*"):
-        if sibling.suffix in (".eeg", ".dat", ".fdt"):
-            ephys_size += sibling.stat().st_size
-    from samba_pipeline.ephys.preprocess import estimate_ephys_mem_gb
-
-    # BrainVision/EDF store 2-4 bytes per sample; MNE works in float64 (8 bytes).
-    n_values = ephys_size / 2
     return {
         "tr": tr,
         "n_volumes": n_volumes,
         # The BOLD is streamed; only labelled voxels are kept (float32, plus a float64 product):
         # 0.75 x the float32 series bounds it (whole participant level: 1.96 GB peak at 2 mm x 300).
         "bold_mem_gb": round(0.3 + n_vox * n_volumes * 4 * 0.75 / 1e9, 2),
-        "ephys_mem_gb": round(estimate_ephys_mem_gb(1, int(n_values)), 2),
+        "ephys_mem_gb": _ephys_mem_gb(pair),
     }
+
+
+def _ephys_mem_gb(pair: RunPair) -> float:
+    if pair.ephys_file is None:
+        return 0.0
+    from samba_pipeline.ephys.preprocess import estimate_ephys_mem_gb
+
+    ephys_size = Path(pair.ephys_file).stat().st_size
+    for sibling in Path(pair.ephys_file).parent.glob(Path(pair.ephys_file).stem + ".*"):
+        if sibling.suffix in (".eeg", ".dat", ".fdt"):
+            ephys_size += sibling.stat().st_size
+    # BrainVision/EDF store 2-4 bytes per sample; MNE works in float64 (8 bytes).
+    return round(estimate_ephys_mem_gb(1, int(ephys_size / 2)), 2)
 
 
 def _repetition_time(pair: RunPair, layout=None) -> float:
@@ -165,7 +178,16 @@ def run_participant(settings: Settings) -> None:
 
     check_participant_labels(settings)
     validate_input(settings)
-    report = collect_pairs(settings)
+    card = None
+    if settings.model.model_file:  # read (and check) the model before any node runs
+        from samba_pipeline.training.pipeline import load_trained_model
+
+        _, card = load_trained_model(settings.model.model_file)
+        card["_file"] = settings.model.model_file
+        LOGGER.log(IMPORTANT, "Applying the %s model (%s) from %s", card["Plugin"], card["Dims"]["direction"],
+                   settings.model.model_file)
+    unpaired = None if card is None else ("ephys" if card["Dims"]["direction"] == "ephys2fmri" else "fmri")
+    report = collect_pairs(settings, unpaired=unpaired)
     layout = report.layout
     LOGGER.log(IMPORTANT, "%s", report.summary())
     atlases = {"ephys": resolve_atlas(settings.workflow.ephys_atlas),
@@ -181,7 +203,7 @@ def run_participant(settings: Settings) -> None:
         templateflow_home=settings.execution.templateflow_home))
     write_atlases(settings, atlases)
 
-    wf = init_samba_participant_wf(settings, report.pairs, atlases, facts)
+    wf = init_samba_participant_wf(settings, report.pairs, atlases, facts, card=card)
     _configure(wf, settings)
     subjects = sorted({p.subject for p in report.pairs})
     _save_run_config(settings, subjects)

@@ -133,6 +133,66 @@ class PredictRun(SimpleInterface):
         return runtime
 
 
+class _EphysSeriesInputSpec(BaseInterfaceInputSpec):
+    raw_file = File(exists=True, mandatory=True, desc="preprocessed recording (FIF)")
+    events_tsv = File(exists=True, desc="events of the recording (onset, description)")
+    repetition_time = traits.Float(mandatory=True, desc="TR of the fMRI the model predicts (s)")
+    volume_trigger = traits.List(traits.Str, desc="names of scanner volume triggers")
+
+
+class _EphysSeriesOutputSpec(TraitedSpec):
+    timeseries = File(exists=True, desc="EEG/MEG series (TSV.gz), one column per channel/parcel")
+    sfreq = traits.Float()
+    onset_s = traits.Float(desc="time of the first sample in the recording (s)")
+    note = traits.Str(desc="what the timeline starts at")
+
+
+class EphysSeries(SimpleInterface):
+    """The EEG/MEG series of a recording without fMRI, ready for an EEG/MEG -> fMRI model.
+
+    With scanner volume triggers (an EEG-fMRI recording whose BOLD is missing) the series starts
+    at the first trigger and ends one TR after the last one, so the predicted volumes line up with
+    the acquired ones; without triggers it is the whole recording.
+    """
+
+    input_spec = _EphysSeriesInputSpec
+    output_spec = _EphysSeriesOutputSpec
+
+    def _run_interface(self, runtime):
+        import mne
+        import pandas as pd
+        from nipype.interfaces.base import isdefined
+
+        from samba_pipeline.align import find_volume_triggers, to_sample
+        from samba_pipeline.bids.derivatives import read_tsv, write_tsv
+        from samba_pipeline.ephys.preprocess import ephys_timeseries
+
+        raw = mne.io.read_raw_fif(self.inputs.raw_file, preload=True, verbose="error")
+        sfreq = float(raw.info["sfreq"])
+        triggers = []
+        if isdefined(self.inputs.events_tsv) and self.inputs.volume_trigger:
+            events = read_tsv(self.inputs.events_tsv)
+            if len(events):
+                triggers = find_volume_triggers(events["onset"].to_numpy(float),
+                                                events["description"].astype(str).to_numpy(),
+                                                names=tuple(self.inputs.volume_trigger),
+                                                path=self.inputs.events_tsv)
+        if len(triggers) >= 2:
+            start = int(to_sample(float(triggers[0]), sfreq))
+            stop = min(raw.n_times, int(to_sample(float(triggers[-1]) + self.inputs.repetition_time, sfreq)))
+            note = f"first scanner volume trigger ({len(triggers)} triggers)"
+        else:
+            start, stop = 0, raw.n_times
+            note = "first EEG/MEG sample (no scanner volume triggers)"
+        data, names, sfreq = ephys_timeseries(raw, start, stop)
+        out = Path(runtime.cwd) / "ephys_timeseries.tsv.gz"
+        self._results["timeseries"] = str(write_tsv(out, pd.DataFrame(data, columns=list(names))))
+        self._results["sfreq"] = sfreq
+        self._results["onset_s"] = start / sfreq
+        self._results["note"] = note
+        return runtime
+
+
 class _PublishInputSpec(BaseInterfaceInputSpec):
     stage_dir = traits.Directory(exists=True, mandatory=True)
     output_dir = traits.Str(mandatory=True)
@@ -156,4 +216,4 @@ class PublishStage(SimpleInterface):
         return runtime
 
 
-__all__ = ["ApplyModel", "PredictRun", "PublishStage", "TrainModel"]
+__all__ = ["ApplyModel", "EphysSeries", "PredictRun", "PublishStage", "TrainModel"]
