@@ -245,8 +245,9 @@ def train_group_model(output_dir, stage_dir, *, model: str = "samba", direction:
     if ms.train_nproc > 1:
         from samba_pipeline.training.ddp import train_distributed
 
-        result = train_distributed(net, datasets["train"], datasets["val"], tsettings, nproc=ms.train_nproc,
-                                   workdir=Path(checkpoint).parent if checkpoint else stage_dir)
+        jobs = Path(checkpoint).parent if checkpoint else stage_dir.parent
+        result = train_distributed(net, runs, split, ms.train_window, tsettings, nproc=ms.train_nproc,
+                                   workdir=jobs / f"ddp_{_label(model)}_{direction}", plugin=model)
     else:
         result = train(net, datasets["train"], datasets["val"], tsettings)
     net = result.model

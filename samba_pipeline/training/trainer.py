@@ -15,6 +15,12 @@
   epoch, best state, history, RNG states) is written atomically after every epoch; a later call
   with the same path and settings resumes from it, so an interrupted run finishes with the same
   weights as an uninterrupted one. Checkpoints are read with ``torch.load(weights_only=True)``.
+* Distributed data parallel: called in every process of an initialised ``torch.distributed``
+  process group (torchrun; see :mod:`samba_pipeline.training.ddp`), ``train`` wraps the model in
+  :class:`~torch.nn.parallel.DistributedDataParallel`, shards the training windows with a
+  :class:`~torch.utils.data.DistributedSampler` (gradients are averaged across processes, so
+  ``N`` processes with batch ``b`` take the steps one process takes with batch ``N*b``), averages
+  the epoch losses, and lets rank 0 alone write checkpoints and show progress.
 """
 
 from __future__ import annotations
@@ -74,6 +80,8 @@ class TrainSettings:
     amp: str = "auto"
     num_workers: int = 0
     progress: bool = True
+    #: Shuffle the training windows every epoch (off: fixed order, e.g. to compare runs).
+    shuffle: bool = True
     checkpoint_path: str | None = None
     resume: bool = True
     deterministic: bool = True
@@ -247,10 +255,29 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
-def _loader(dataset, settings: TrainSettings, *, shuffle: bool, generator=None, pin: bool = False):
-    return DataLoader(dataset, batch_size=settings.batch_size, shuffle=shuffle, generator=generator,
+def _loader(dataset, settings: TrainSettings, *, shuffle: bool, generator=None, pin: bool = False,
+            sampler=None):
+    return DataLoader(dataset, batch_size=settings.batch_size, shuffle=shuffle and sampler is None,
+                      generator=generator if sampler is None else None, sampler=sampler,
                       collate_fn=collate_windows, num_workers=settings.num_workers, pin_memory=pin,
                       drop_last=False, persistent_workers=False)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(values: list[float], device) -> list[float]:
+    """Sum floats over the processes of the group (identity without one)."""
+    if _distributed()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
 
 
 def _evaluate_loss(model, loader, device, amp_dtype) -> float:
@@ -310,7 +337,19 @@ def _train(model, train_ds, val_ds, settings, device, amp_dtype, callbacks) -> T
     scheduler = _make_scheduler(optimizer, settings)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     pin = device.type == "cuda"
-    train_loader = _loader(train_ds, settings, shuffle=True, generator=generator, pin=pin)
+    rank, world = _distributed()
+    sampler = None
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=settings.shuffle,
+                                     seed=settings.seed, drop_last=False)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=True)
+    train_loader = _loader(train_ds, settings, shuffle=settings.shuffle, generator=generator, pin=pin,
+                           sampler=sampler)
     val_loader = None if val_ds is None else _loader(val_ds, settings, shuffle=False, pin=pin)
     fingerprint = _fingerprint(model, settings, len(train_ds), 0 if val_ds is None else len(val_ds))
 
@@ -337,7 +376,7 @@ def _train(model, train_ds, val_ds, settings, device, amp_dtype, callbacks) -> T
     resumed_from = start_epoch
     stopped_early = done and start_epoch < settings.epochs
 
-    bar = tqdm(total=settings.epochs, initial=start_epoch, disable=not settings.progress,
+    bar = tqdm(total=settings.epochs, initial=start_epoch, disable=not settings.progress or rank > 0,
                desc=f"training ({device.type})", unit="epoch", leave=False)
     try:
         epoch = start_epoch
@@ -345,12 +384,14 @@ def _train(model, train_ds, val_ds, settings, device, amp_dtype, callbacks) -> T
             t_epoch = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             model.train()
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             total, count = 0.0, 0
             for batch in train_loader:
                 batch = batch.to(device)
                 with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
                                     enabled=amp_dtype is not None):
-                    pred = model(batch)
+                    pred = net(batch)
                     loss = model.loss(pred.float(), batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -366,6 +407,7 @@ def _train(model, train_ds, val_ds, settings, device, amp_dtype, callbacks) -> T
                 n = batch.source.shape[0]
                 total += float(loss.detach()) * n
                 count += n
+            total, count = _all_sum([total, float(count)], device)
             train_loss = total / max(count, 1)
             val_loss = (train_loss if val_loader is None
                         else _evaluate_loss(model, val_loader, device, amp_dtype))
@@ -390,7 +432,7 @@ def _train(model, train_ds, val_ds, settings, device, amp_dtype, callbacks) -> T
                         row["val_loss"], lr, " *" if improved else "")
             bar.update(1)
             bar.set_postfix(train=f"{train_loss:.4f}", val=f"{row['val_loss']:.4f}", lr=f"{lr:.1e}")
-            if ckpt_path is not None:
+            if ckpt_path is not None and rank == 0:
                 save_checkpoint(ckpt_path, {
                     "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch, "done": done,
                     "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
@@ -398,8 +440,9 @@ def _train(model, train_ds, val_ds, settings, device, amp_dtype, callbacks) -> T
                     "best_state": best_state, "best_val_loss": best_val, "best_epoch": best_epoch,
                     "bad_epochs": bad_epochs, "history": history, "rng": _rng_state(generator),
                 })
-            for callback in callbacks:
-                callback(dict(row))
+            if rank == 0:
+                for callback in callbacks:
+                    callback(dict(row))
     finally:
         bar.close()
 
