@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from samba_pipeline.models.registry import get_model_class
-from samba_pipeline.training import TrainSettings, make_datasets, make_dims, seed_everything, split_by_time, train
+from samba_pipeline.training import (TrainSettings, make_datasets, make_dims, seed_everything, split_by_time,
+                                     train)
 from samba_pipeline.training.ddp import load_saved_runs, save_runs, torchrun_command, train_distributed
 
 from test_training import synthetic_runs  # noqa: E402  (tests/ is on sys.path)
@@ -70,5 +71,6 @@ def test_failed_worker_reports_the_job(tmp_path, task):
     proc = subprocess.run(bad, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "missing.json" in proc.stderr
     with pytest.raises(Exception, match="distributed training failed"):
-        train_distributed(_model(runs), runs, split, 20.0, TrainSettings(epochs=1, device="cpu", progress=False),
-                          nproc=2, workdir=tmp_path / "job", plugin="no_such_plugin")
+        train_distributed(_model(runs), runs, split, 20.0,
+                          TrainSettings(epochs=1, device="cpu", progress=False), nproc=2,
+                          workdir=tmp_path / "job", plugin="no_such_plugin")

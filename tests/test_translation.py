@@ -187,7 +187,8 @@ def test_group_level_writes_model_metrics_and_predictions(trained):
         assert pred.shape == std.shape and (std.to_numpy() >= 0).all()
         img = nib.load(func / f"{stem}_stat-mean_predicted.nii.gz")
         assert img.shape[3] == len(pred)
-        assert json.loads((func / f"{stem}_metrics.json").read_text())["IncludesTrainingData"] == (sub != "03")
+        run_metrics = json.loads((func / f"{stem}_metrics.json").read_text())
+        assert run_metrics["IncludesTrainingData"] == (sub != "03")
 
     # pybids indexes the outputs with samba-bids' naming rules.
     from bids import BIDSLayout
@@ -203,7 +204,8 @@ def test_model_file_predicts_an_eeg_only_subject(trained):
                 "--model-file", out / "group" / f"{STEM}_model.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     func = out / "sub-04" / "func"
-    stem = "sub-04_task-rest_space-MNI152NLin2009cAsym_atlas-DemoNested_scale-50_desc-samba_stat-mean_predicted"
+    stem = ("sub-04_task-rest_space-MNI152NLin2009cAsym_atlas-DemoNested_scale-50_desc-samba"
+            "_stat-mean_predicted")
     meta = json.loads((func / f"{stem}.json").read_text())
     assert meta["Alignment"].startswith("first scanner volume trigger")
     img = nib.load(func / f"{stem}.nii.gz")
@@ -219,8 +221,8 @@ def test_model_file_predicts_an_eeg_only_subject(trained):
     # i.e. the parcel average stays within about +-0.03. The band-power coupling of the demo is
     # learned within these epochs (about 0.1-0.2 on 4-minute runs), so 0.05 is a real margin.
     assert r > 0.05
-    demo = subprocess.run([sys.executable, "-m", "samba_pipeline.simulate.score", str(out), str(trained["truth"])],
-                          capture_output=True, text=True, timeout=120)
+    demo = subprocess.run([sys.executable, "-m", "samba_pipeline.simulate.score", str(out),
+                           str(trained["truth"])], capture_output=True, text=True, timeout=120)
     assert demo.returncode == 0 and "04" in demo.stdout
 
 
@@ -240,8 +242,8 @@ def test_untrusted_or_broken_model_files_are_refused(trained, tmp_path):
     (tmp_path / "bad_model.json").write_text(Path(str(src) + ".json").read_text())
     # A pickle disguised as weights: safetensors never unpickles, it refuses the header.
     torch.save({"x": torch.zeros(3)}, tmp_path / "bad_model.safetensors")
-    proc = _cli(trained["bids"], trained["out"], "participant", *trained["common"], "--participant-label", "04",
-                "--model-file", str(bad) + ".json")
+    proc = _cli(trained["bids"], trained["out"], "participant", *trained["common"],
+                "--participant-label", "04", "--model-file", str(bad) + ".json")
     assert proc.returncode == 65, proc.stderr
     assert "bad_model.safetensors" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -253,8 +255,9 @@ def test_group_training_resumes_after_kill(trained, tmp_path):
     import shutil
 
     shutil.copytree(trained["out"], out, ignore=shutil.ignore_patterns("group"))
-    common = ["-w", work, "--config-file", trained["truth"] / "samba-bids-demo.toml", "--skip-bids-validation",
-              "--nprocs", "1", "--epochs", "12", "--patience", "0", "--train-window", "30"]
+    common = ["-w", work, "--config-file", trained["truth"] / "samba-bids-demo.toml",
+              "--skip-bids-validation", "--nprocs", "1", "--epochs", "12", "--patience", "0",
+              "--train-window", "30"]
     args = [sys.executable, "-m", "samba_pipeline.cli", trained["bids"], out, "group", *common]
     ckpt = work / "checkpoints" / "samba_ephys2fmri.pt"
     proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -67,7 +67,8 @@ def init_single_subject_wf(settings, subject, pairs, atlases, inputs, card=None)
             if card is not None:
                 translate.add_paired_prediction(wf, run_wf, settings, pair, atlases, card)
         else:
-            wf.add_nodes([translate.init_single_modality_wf(settings, pair, atlases, inputs[pair.name], card)])
+            wf.add_nodes([translate.init_single_modality_wf(settings, pair, atlases, inputs[pair.name],
+                                                            card)])
     return wf
 
 

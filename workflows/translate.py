@@ -106,7 +106,8 @@ def init_single_modality_wf(settings: Settings, pair: RunPair, atlases: dict, fa
             (series, ds_series, [("timeseries", "in_file")]),
             (meta, ds_series, [("metadata", "metadata")]),
             (ephys, ds_channels, [("channels_tsv", "in_file")]),
-            (series, predict, [("timeseries", "source_file"), ("onset_s", "onset_s"), ("note", "alignment_note")]),
+            (series, predict, [("timeseries", "source_file"), ("onset_s", "onset_s"),
+                               ("note", "alignment_note")]),
         ])  # fmt:skip
         return wf
 

@@ -40,7 +40,8 @@ def compare_with_truth(pred_tsv, truth_npz, atlas_table) -> dict:
     r = pearson(p, t)
     return {"file": Path(pred_tsv).name, "volumes": int(n), "pearson_run": float(np.mean(r)),
             "pearson_run_min": float(np.min(r)), "pearson_run_max": float(np.max(r)),
-            "spearman_minute": summary.get("spearman_minute"), "spearman_second": summary.get("spearman_second")}
+            "spearman_minute": summary.get("spearman_minute"),
+            "spearman_second": summary.get("spearman_second")}
 
 
 def score_predictions(output_dir, truth_dir) -> pd.DataFrame:
@@ -49,7 +50,8 @@ def score_predictions(output_dir, truth_dir) -> pd.DataFrame:
     rows = []
     for pred in sorted(output_dir.glob("sub-*/**/func/*_stat-mean_predicted.tsv")):
         ents = dict(re.findall(r"(sub|task|atlas|scale|seg|space)-([a-zA-Z0-9]+)", pred.name))
-        truth = truth_dir / f"sub-{ents['sub']}" / f"sub-{ents['sub']}_task-{ents.get('task', 'rest')}_truth.npz"
+        sub, task = ents["sub"], ents.get("task", "rest")
+        truth = truth_dir / f"sub-{sub}" / f"sub-{sub}_task-{task}_truth.npz"
         if not truth.is_file():
             continue
         name = "_".join(f"{k}-{ents[k]}" for k in ("atlas", "seg", "scale") if k in ents)

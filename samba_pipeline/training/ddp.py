@@ -87,7 +87,8 @@ def load_saved_runs(folder) -> list[RunData]:
                 rmap = pd.DataFrame(arrays[f"region_map_{i}"], index=m["region_map_index"],
                                     columns=m["region_map_columns"])
             runs.append(RunData(
-                ephys=arrays[f"ephys_{i}"], fmri=arrays[f"fmri_{i}"], ephys_sfreq=m["ephys_sfreq"], tr=m["tr"],
+                ephys=arrays[f"ephys_{i}"], fmri=arrays[f"fmri_{i}"], ephys_sfreq=m["ephys_sfreq"],
+                tr=m["tr"],
                 ephys_names=m["ephys_names"], fmri_names=m["fmri_names"], direction=m["direction"],
                 subject=m["subject"], session=m["session"], task=m["task"], acquisition=m["acquisition"],
                 run=m["run"], ephys_space=m["ephys_space"], files=m["files"], region_map=rmap,
@@ -135,8 +136,8 @@ def train_distributed(model, runs: Sequence[RunData], split: Split, window_s: fl
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise SambaError(f"distributed training failed (exit {proc.returncode}); job folder {folder}:\n{tail}",
-                         path=spec)
+        raise SambaError(f"distributed training failed (exit {proc.returncode}); job folder "
+                         f"{folder}:\n{tail}", path=spec)
     result_dir = folder / "result"
     state = load_file(str(result_dir / "model.safetensors"))
     model.load_state_dict(state)
@@ -189,7 +190,8 @@ def worker(spec_path) -> dict[str, Any]:
             save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
                       str(out / "model.safetensors"))
             result.history.to_csv(out / "history.tsv", sep="\t", index=False)
-            (out / "summary.json").write_text(json.dumps(dict(result.summary(), world_size=dist.get_world_size())))
+            summary = dict(result.summary(), world_size=dist.get_world_size())
+            (out / "summary.json").write_text(json.dumps(summary))
         dist.barrier()
         return result.summary()
     finally:
