@@ -8,8 +8,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 DEMO   ?= demo
+# Group-level training of the demo: 3 subjects x 5 min (sub-04 is EEG-only and gets a prediction).
+DEMO_TRAIN ?= --epochs 60 --learning-rate 0.003 --mc-dropout 10
 
-.PHONY: install demo test benchmark clean-demo lint
+.PHONY: install demo test benchmark clean-demo lint slurm-deps docker apptainer
 
 install: $(VENV)/.installed
 
@@ -21,11 +23,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(BIN)/samba-bids-demo $(DEMO)/bids --subjects 2 --minutes 5 --overwrite
+	$(BIN)/samba-bids-demo $(DEMO)/bids --subjects 4 --minutes 5 --eeg-only 04 --overwrite
 	$(BIN)/samba-bids $(DEMO)/bids $(DEMO)/out participant -w $(DEMO)/work \
-		--config-file $(DEMO)/bids_groundtruth/samba-bids-demo.toml
+		--config-file $(DEMO)/bids_groundtruth/samba-bids-demo.toml --participant-label 01 02 03
 	$(BIN)/samba-bids $(DEMO)/bids $(DEMO)/out group -w $(DEMO)/work \
-		--config-file $(DEMO)/bids_groundtruth/samba-bids-demo.toml
+		--config-file $(DEMO)/bids_groundtruth/samba-bids-demo.toml $(DEMO_TRAIN)
+	$(BIN)/samba-bids $(DEMO)/bids $(DEMO)/out participant -w $(DEMO)/work \
+		--config-file $(DEMO)/bids_groundtruth/samba-bids-demo.toml --participant-label 04 \
+		--model-file $(DEMO)/out/group/model-samba_direction-ephys2fmri_model.json --mc-dropout 10
+	$(BIN)/python -m samba_pipeline.simulate.score $(DEMO)/out $(DEMO)/bids_groundtruth
 	@echo "Demo outputs: $(DEMO)/out (ground truth: $(DEMO)/bids_groundtruth)"
 
 test: install
@@ -39,3 +45,20 @@ lint: install
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# Debian/Ubuntu packages for tests/test_slurm.py (a one-node SLURM cluster on localhost; root).
+slurm-deps:
+	apt-get update
+	apt-get install -y --no-install-recommends slurm-wlm munge
+
+# Container images (README.md, section "Running on a cluster").
+IMAGE_VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' samba_pipeline/__about__.py)
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+
+docker:
+	docker build -f containers/Dockerfile --build-arg VERSION=$(IMAGE_VERSION) \
+		--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) -t samba-bids:$(IMAGE_VERSION) .
+
+apptainer:
+	apptainer build --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) \
+		samba-bids_$(IMAGE_VERSION).sif containers/samba-bids.def

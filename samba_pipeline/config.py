@@ -187,8 +187,16 @@ class WorkflowSettings:
         default_factory=lambda: ["R128", "R 128", "Response/R128", "Stimulus/R128", "volume", "TR"]
     )
     ephys: dict[str, Any] = field(default_factory=dict)
+    #: How EEG/MEG recordings find their fMRI run: "simultaneous" (same session, task and run;
+    #: aligned by scanner triggers), "same-subject" (same subject and task, another session) or
+    #: "same-stimulus" (same task, preferably the same subject, else another subject); the last
+    #: two are aligned by the stimulus-segment events (``stimulus_event``) of both sessions.
+    pairing: str = "simultaneous"
+    stimulus_event: list[str] = field(default_factory=lambda: ["movie_segment"])
+    stimulus_tolerance: float = 0.1
 
 
+PAIRING_RULES = ("simultaneous", "same-subject", "same-stimulus")
 MODEL_DIRECTIONS = ("ephys2fmri", "fmri2ephys", "both")
 SPLITS = ("windows", "subjects", "both")
 DEVICES = ("auto", "cpu", "cuda")
@@ -216,6 +224,9 @@ class ModelSettings:
     device: str = "auto"
     n_gpu_procs: int = 0
     train_nproc: int = 1
+    #: Command that starts the distributed-training workers (default: torchrun --standalone on
+    #: this node); e.g. "srun torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d ...".
+    train_launcher: str | None = None
     mc_dropout: int = 0
     model_file: str | None = None
     model_config: dict[str, Any] = field(default_factory=dict)

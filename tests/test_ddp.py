@@ -65,6 +65,15 @@ def test_two_gloo_processes_match_one_process_with_the_combined_batch(task, tmp_
     np.testing.assert_allclose(ddp.history["train_loss"], single.history["train_loss"], rtol=1e-4)
 
 
+def test_launcher_command_for_several_nodes():
+    launcher = "srun torchrun --nnodes 2 --nproc-per-node 4 --rdzv-endpoint 'h:29500'"
+    cmd = torchrun_command("/w/spec.json", 4, launcher)
+    assert cmd == ["srun", "torchrun", "--nnodes", "2", "--nproc-per-node", "4", "--rdzv-endpoint", "h:29500",
+                   "-m", "samba_pipeline.training.ddp", "/w/spec.json"]
+    assert torchrun_command("/w/spec.json", 2)[1:6] == ["-m", "torch.distributed.run", "--standalone",
+                                                          "--nproc-per-node=2", "-m"]
+
+
 def test_failed_worker_reports_the_job(tmp_path, task):
     runs, split = task
     bad = torchrun_command(tmp_path / "missing.json", 1)

@@ -305,10 +305,13 @@ def test_region_masked_linear():
 
 
 def test_registry_and_build():
+    # The "samba" plugin serves both directions and builds SambaEphys2Fmri for ephys2fmri
+    # (tests/test_samba_reverse.py covers the dispatch and the other direction).
     cls = get_model_class("samba")
-    assert cls is SambaEphys2Fmri and cls.plugin_name == "samba"
-    assert cls.directions == ("ephys2fmri",)
+    assert cls.plugin_name == "samba" and SambaEphys2Fmri.plugin_name == "samba"
+    assert SambaEphys2Fmri.directions == ("ephys2fmri",)
     dims = make_dims()
+    assert type(cls.build(SMALL, dims)) is SambaEphys2Fmri
     with pytest.raises(ValueError, match="unknown setting"):
         cls.build({"hiden_size": 3}, dims)
     with pytest.raises(ValueError, match="front_end"):
@@ -317,9 +320,9 @@ def test_registry_and_build():
         cls.build({"wavelet_mode": "periodic"}, dims)
     reverse = DataDims("fmri2ephys", 20, 12, 0.5, 100.0, 20.0)
     with pytest.raises(ValueError, match="supports"):
-        cls.build(None, reverse)
+        SambaEphys2Fmri.build(None, reverse)
     model = cls.build(None, dims)
-    assert model.config == cls.default_config()
+    assert model.config == cls.default_config() == SambaEphys2Fmri.default_config()
     assert model.config["front_end"] == "neurovascular" and model.config["wavelet"] == "db4"
 
 
@@ -408,7 +411,7 @@ def test_checkpointing_gives_same_gradients(monkeypatch):
 def test_teacher_forcing():
     dims = make_dims()
     torch.manual_seed(0)
-    model = SambaEphys2Fmri.build({**SMALL, "dropout": 0.0}, dims)
+    model = SambaEphys2Fmri.build({**SMALL, "dropout": 0.0, "teacher_forcing": True}, dims)
     batch = make_batch(dims)
     t = 4
     target2 = batch.target.clone()

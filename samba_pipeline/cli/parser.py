@@ -248,6 +248,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--train-nproc", dest="train_nproc", type=positive_int, default=d(1), metavar="N",
                    help="training processes: N > 1 trains with torchrun + DistributedDataParallel "
                    "(one process per GPU, or gloo processes on CPU)")
+    g.add_argument("--train-launcher", dest="train_launcher", default=d(None), metavar="COMMAND",
+                   help="command that starts the training workers instead of 'torchrun --standalone "
+                   "--nproc-per-node N', e.g. 'srun torchrun --nnodes 2 --nproc-per-node 4 "
+                   "--rdzv-backend c10d --rdzv-endpoint HOST:29500' for several nodes")
     g.add_argument("--mc-dropout", dest="mc_dropout", type=nonneg_int, default=d(0), metavar="N",
                    help="Monte-Carlo dropout samples per prediction; writes a per-parcel standard "
                    "deviation beside each prediction (0: off)")
@@ -506,6 +510,7 @@ def settings_from_args(args: argparse.Namespace, ephys_table: dict | None = None
         train_window=float(args.train_window), epochs=int(args.epochs), batch_size=int(args.batch_size),
         lr=float(args.lr), patience=int(args.patience), device=args.device,
         n_gpu_procs=int(args.n_gpu_procs), train_nproc=int(args.train_nproc), mc_dropout=int(args.mc_dropout),
+        train_launcher=args.train_launcher or None,
         model_file=str(Path(args.model_file).absolute()) if args.model_file else None,
         model_config={k: _coerce(v) for k, v in
                       _parse_key_values(args.model_setting, "--model-setting").items()},
@@ -608,6 +613,8 @@ def settings_to_cli_toml(settings: Settings) -> dict[str, Any]:
         table["test_subjects"] = md.test_subjects
     if md.model_file:
         table["model_file"] = md.model_file
+    if md.train_launcher:
+        table["train_launcher"] = md.train_launcher
     if md.model_config:
         table["model_setting"] = [f"{k}={json.dumps(v)}" for k, v in md.model_config.items()]
     if ex.templateflow_home:

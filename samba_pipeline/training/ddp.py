@@ -16,10 +16,11 @@ shared filesystem), e.g. in an sbatch script (README, 'Running on a cluster')::
 
     srun torchrun --nnodes "$SLURM_NNODES" --nproc-per-node 4 --rdzv-backend c10d \\
          --rdzv-endpoint "$HEAD:29500" --rdzv-id "$SLURM_JOB_ID" \\
-         -m samba_pipeline.training.ddp WORK/ddp/samba_ephys2fmri/spec.json
+         -m samba_pipeline.training.ddp WORK/checkpoints/ddp_samba_ephys2fmri/spec.json
 
-(``samba-bids ... group --train-nproc N`` writes the job folder under ``WORK/ddp/`` and prints
-its path when torchrun fails.)
+``samba-bids ... group --train-launcher "srun torchrun --nnodes 2 ..."`` does exactly that from
+inside a multi-node allocation: the group-level training node writes the job folder (under
+``WORK/checkpoints/``) and runs the launcher command with the worker module appended.
 """
 
 from __future__ import annotations
@@ -116,13 +117,20 @@ def write_job(folder, *, runs: Sequence[RunData], split: Split, window_s: float,
     return path
 
 
-def torchrun_command(spec_path, nproc: int) -> list[str]:
+def torchrun_command(spec_path, nproc: int, launcher: str | None = None) -> list[str]:
+    """``torchrun --standalone --nproc-per-node N -m samba_pipeline.training.ddp SPEC``, or the
+    worker module behind a ``launcher`` command (e.g. ``srun torchrun --nnodes 2 ...``)."""
+    import shlex
+
+    if launcher:
+        return [*shlex.split(launcher), "-m", "samba_pipeline.training.ddp", str(spec_path)]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={int(nproc)}",
             "-m", "samba_pipeline.training.ddp", str(spec_path)]
 
 
 def train_distributed(model, runs: Sequence[RunData], split: Split, window_s: float, settings: TrainSettings,
-                      *, nproc: int, workdir, plugin: str, train_step_s: float | None = None) -> TrainResult:
+                      *, nproc: int, workdir, plugin: str, train_step_s: float | None = None,
+                      launcher: str | None = None) -> TrainResult:
     """Train ``model`` in ``nproc`` torchrun processes; returns the result as :func:`train` does."""
     import time
 
@@ -130,7 +138,7 @@ def train_distributed(model, runs: Sequence[RunData], split: Split, window_s: fl
     folder = Path(workdir)
     spec = write_job(folder, runs=runs, split=split, window_s=window_s, model=model, plugin=plugin,
                      settings=settings, train_step_s=train_step_s)
-    cmd = torchrun_command(spec, nproc)
+    cmd = torchrun_command(spec, nproc, launcher)
     LOGGER.info("distributed training: %s", " ".join(cmd))
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -242,12 +242,13 @@ def train_group_model(output_dir, stage_dir, *, model: str = "samba", direction:
     tsettings = TrainSettings(epochs=ms.epochs, batch_size=ms.batch_size, lr=ms.lr, patience=ms.patience,
                               seed=int(seed), device=ms.device, progress=progress,
                               checkpoint_path=str(checkpoint) if checkpoint else None)
-    if ms.train_nproc > 1:
+    if ms.train_nproc > 1 or ms.train_launcher:
         from samba_pipeline.training.ddp import train_distributed
 
         jobs = Path(checkpoint).parent if checkpoint else stage_dir.parent
         result = train_distributed(net, runs, split, ms.train_window, tsettings, nproc=ms.train_nproc,
-                                   workdir=jobs / f"ddp_{_label(model)}_{direction}", plugin=model)
+                                   workdir=jobs / f"ddp_{_label(model)}_{direction}", plugin=model,
+                                   launcher=ms.train_launcher)
     else:
         result = train(net, datasets["train"], datasets["val"], tsettings)
     net = result.model
