@@ -231,6 +231,10 @@ class ModelSettings:
     model_file: str | None = None
     model_config: dict[str, Any] = field(default_factory=dict)
 
+    def trained_models(self) -> list[str]:
+        """The model plugins to train (``--model none``: none, the group level only summarises)."""
+        return [m for m in self.models if m.lower() != "none"]
+
     def directions(self) -> list[str]:
         return ["ephys2fmri", "fmri2ephys"] if self.direction == "both" else [self.direction]
 

@@ -174,13 +174,15 @@ def test_rerun_reuses_work_dir_and_gives_identical_outputs(participant_run):
 
 def test_group_level_summarises_runs(participant_run):
     bids, out, work = participant_run["bids"], participant_run["out"], participant_run["work"]
-    proc = run_cli(bids, out, "group", "-w", work, "--skip-bids-validation", *demo_atlas_args(bids))
+    proc = run_cli(bids, out, "group", "-w", work, "--skip-bids-validation", "--model", "none",
+                   *demo_atlas_args(bids))
     assert proc.returncode == 0, proc.stderr[-3000:]
     qc = read_tsv(out / "group" / "desc-qc_runs.tsv")
     assert sorted(qc["subject"].astype(str).str.zfill(2)) == ["01", "02"]
     assert (qc["alignment_method"] == "triggers").all()
-    means = sorted((out / "group").glob("*_desc-groupmean_stat-cosine_relmat.tsv"))
-    assert len(means) == 2
+    means = sorted((out / "group").glob("*_desc-*roupmean_stat-cosine_relmat.tsv"))
+    assert [m.name.split("_desc-")[1].split("_")[0] for m in means] == ["preprocGroupmean", "groupmean"]
+    assert not list((out / "group").glob("model-*"))  # --model none: nothing trained
     table = read_tsv(means[0]).set_index("Node")
     values = table.to_numpy(float)
     assert np.allclose(values, values.T, equal_nan=True)

@@ -33,7 +33,7 @@ def init_group_wf(settings: Settings, *, inputs_digest: str, use_gpu: bool = Fal
     fmri_atlas = dict(settings.workflow.fmri_atlas.entities())
     threads = settings.nipype.resolved_omp_nthreads()
     checkpoints = settings.work_dir / "checkpoints"
-    for model in ms.models:
+    for model in ms.trained_models():
         for direction in ms.directions():
             tag = f"{_node_label(model)}_{direction}"
             train = pe.Node(

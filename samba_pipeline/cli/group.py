@@ -19,14 +19,15 @@ def run_group(settings: Settings) -> None:
     from samba_pipeline.workflows.group import init_group_wf
 
     ms = settings.model
-    for name in ms.models:  # unknown plugins fail now, not inside a node
+    for name in ms.trained_models():  # unknown plugins fail now, not inside a node
         get_model_class(name)
     fmri_filter = _fmri_atlas_filter(dict(settings.workflow.fmri_atlas.entities()))
     runs = load_runs(settings.output_dir, fmri_atlas=fmri_filter)  # clear errors before any node runs
     device = resolve_device(ms.device)
     size_gb = sum(r.ephys.nbytes + r.fmri.nbytes for r in runs) / 1024**3
     LOGGER.log(IMPORTANT, "Group level: %d run(s) of %d subject(s); model(s) %s, direction %s, on %s",
-               len(runs), len({r.subject for r in runs}), ", ".join(ms.models), ms.direction, device)
+               len(runs), len({r.subject for r in runs}), ", ".join(ms.trained_models()) or "none",
+               ms.direction, device)
     del runs
     wf = init_group_wf(settings, inputs_digest=derivatives_digest(settings.output_dir, fmri_filter),
                        use_gpu=device.type == "cuda", train_mem_gb=round(1.5 + 4 * size_gb, 2))

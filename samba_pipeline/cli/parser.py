@@ -23,6 +23,7 @@ from samba_pipeline.config import (
     MODEL_DIRECTIONS,
     NIPYPE_PLUGINS,
     NUISANCE_STRATEGIES,
+    PAIRING_RULES,
     SPLITS,
     AtlasSpec,
     ExecutionSettings,
@@ -196,6 +197,18 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--volume-trigger", dest="volume_trigger", nargs="+", default=d(None),
                    metavar="NAME", help="names of the scanner volume markers in the EEG events "
                    "(default: R128, 'R 128', volume, TR ...)")
+    g.add_argument("--pairing", dest="pairing", choices=PAIRING_RULES, default=d("simultaneous"),
+                   help="how EEG/MEG recordings find their fMRI run: recorded together (same "
+                   "session/task/run, aligned by scanner triggers), or in other sessions of the "
+                   "same subject / by any subject watching the same stimulus (same task), aligned "
+                   "by the stimulus-segment events of both events.tsv files")
+    g.add_argument("--stimulus-event", dest="stimulus_event", nargs="+", default=d(None),
+                   metavar="NAME", help="trial_type of the stimulus-segment onsets in events.tsv "
+                   "(non-simultaneous pairing; default: movie_segment); segments are matched by "
+                   "their stim_file column")
+    g.add_argument("--stimulus-tolerance", dest="stimulus_tolerance", type=positive_float,
+                   default=d(0.1), metavar="S", help="largest spread of the per-segment offsets "
+                   "between the two sessions (presentation jitter) before alignment fails")
     g.add_argument(
         "--ephys-setting", dest="ephys_setting", nargs="+", default=d(None), metavar="KEY=VALUE",
         help="EEG/MEG preprocessing option with MNE-BIDS-Pipeline's names, e.g. l_freq=1 "
@@ -220,7 +233,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         "them to every subject; participant level with --model-file: apply a trained model")
     g.add_argument("--model", dest="models", type=_model_names, default=d(["samba"]), metavar="NAME[,NAME]",
                    help="model plugin(s) to train (group level): samba, or any plugin registered "
-                   "under the samba_bids.models entry point")
+                   "under the samba_bids.models entry point; 'none': only the QC summary")
     g.add_argument("--direction", dest="direction", choices=MODEL_DIRECTIONS, default=d("ephys2fmri"),
                    help="translate EEG/MEG to fMRI, fMRI to EEG/MEG, or train both")
     g.add_argument("--split", dest="split", choices=SPLITS, default=d("both"),
@@ -483,6 +496,10 @@ def settings_from_args(args: argparse.Namespace, ephys_table: dict | None = None
     )
     if args.volume_trigger:
         workflow.volume_trigger = list(args.volume_trigger)
+    workflow.pairing = str(args.pairing)
+    workflow.stimulus_tolerance = float(args.stimulus_tolerance)
+    if args.stimulus_event:
+        workflow.stimulus_event = list(args.stimulus_event)
 
     execution = ExecutionSettings(
         bids_dir=str(bids_dir),
@@ -592,6 +609,9 @@ def settings_to_cli_toml(settings: Settings) -> dict[str, Any]:
         "min_coverage": wf.min_coverage,
         "window_lengths": wf.window_lengths,
         "volume_trigger": wf.volume_trigger,
+        "pairing": wf.pairing,
+        "stimulus_event": wf.stimulus_event,
+        "stimulus_tolerance": wf.stimulus_tolerance,
         "nprocs": ny.nprocs,
         "omp_nthreads": ny.omp_nthreads,
         "mem_mb": ny.mem_mb,

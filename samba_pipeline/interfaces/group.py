@@ -7,6 +7,16 @@ from nipype.interfaces.base import BaseInterfaceInputSpec, SimpleInterface, Trai
 from samba_pipeline.bids.derivatives import write_json, write_tsv
 
 
+def _groupmean_name(key: str) -> str:
+    """``task-rest_desc-preproc_stat-cosine_relmat.tsv`` -> ``..._desc-preprocGroupmean_...``; a
+    name without ``desc`` gets ``desc-groupmean`` (one desc entity per name, as BIDS requires)."""
+    import re
+
+    if re.search(r"_desc-[a-zA-Z0-9]+", key):
+        return re.sub(r"_desc-([a-zA-Z0-9]+)", lambda m: f"_desc-{m.group(1)}Groupmean", key, count=1)
+    return key.replace("_stat-cosine_relmat.tsv", "_desc-groupmean_stat-cosine_relmat.tsv")
+
+
 class _GroupSummaryInputSpec(BaseInterfaceInputSpec):
     output_dir = traits.Str(mandatory=True)
 
@@ -30,7 +40,7 @@ class GroupSummary(SimpleInterface):
         group = Path(self.inputs.output_dir) / "group"
         files = [write_tsv(group / "desc-qc_runs.tsv", qc_table(self.inputs.output_dir))]
         for key, table in mean_relmats(self.inputs.output_dir).items():
-            name = key.replace("_stat-cosine_relmat.tsv", "_desc-groupmean_stat-cosine_relmat.tsv")
+            name = _groupmean_name(key)
             files.append(write_tsv(group / name, table))
             files.append(write_json(group / name.replace(".tsv", ".json"), {
                 "RelationshipMeasure": "mean over runs of the cosine similarity of mean-centred series",
