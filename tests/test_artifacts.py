@@ -158,6 +158,15 @@ def test_gradient_correction_forced_without_triggers(sim):
         preprocess_raw(raw, EphysSettings(gradient_correction=True))
     with pytest.raises(SambaInputError, match="volume triggers"):
         remove_gradient_artifact(sim["clean"].copy(), SFREQ, np.array([1.0, 3.0]))
+    # Triggers after the end of the recording (EEG and fMRI do not overlap): "auto" leaves the
+    # data alone (the alignment names the problem), a forced correction says why it cannot run.
+    late = sim["clean"].shape[1] / SFREQ + 10.0 + 2.0 * np.arange(10)
+    data = sim["clean"].copy()
+    out, report = remove_gradient_artifact(data, SFREQ, late)
+    assert not report["applied"] and "inside the recording" in report["reason"]
+    np.testing.assert_array_equal(out, sim["clean"])
+    with pytest.raises(SambaInputError, match="inside the recording"):
+        remove_gradient_artifact(data, SFREQ, late, mode=True)
 
 
 @pytest.mark.parametrize("options", [{"gradient_correction": "yes"}, {"bcg_correction": 2},

@@ -234,6 +234,9 @@ def test_group_level_refuses_bad_model_options(trained):
     assert proc.returncode == 64 and "participant level" in proc.stderr
     proc = _cli(trained["bids"], trained["out"], "group", *trained["common"], "--test-subjects", "09")
     assert proc.returncode != 0 and "09" in proc.stderr
+    if not torch.cuda.is_available():
+        proc = _cli(trained["bids"], trained["out"], "group", *trained["common"], "--device", "cuda")
+        assert proc.returncode == 64 and "no CUDA GPU" in proc.stderr
 
 
 def test_untrusted_or_broken_model_files_are_refused(trained, tmp_path):

@@ -108,6 +108,12 @@ def remove_gradient_artifact(data: np.ndarray, sfreq: float, onsets_s: np.ndarra
         raise SambaInputError(f"volume triggers only {length} samples apart", path=source)
     valid = (starts >= 0) & (starts + length <= data.shape[1])
     starts = starts[valid]
+    if starts.size < 3:  # the triggers lie outside the recording (the alignment reports why)
+        if mode is True:
+            raise SambaInputError(f"only {starts.size} of {onsets.size} volume triggers lie inside the "
+                                  "recording; cannot correct the gradient artifact", path=source)
+        report["reason"] = f"only {starts.size} volume trigger(s) inside the recording"
+        return data, report
     idx = starts[:, None] + np.arange(length)[None, :]  # (n_ep, L); epochs do not overlap
     epochs = data[:, idx].transpose(1, 0, 2)  # (n_ep, n_ch, L)
     ratio = artifact_variance_ratio(epochs)
