@@ -414,3 +414,255 @@ def _positive_int(value, what, path) -> int:
     if out != value or out < 1:
         raise SambaInputError(f"{what} must be a positive integer, not {value!r}", path=path)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Non-simultaneous recordings: one timeline from the stimulus events of both sessions
+# --------------------------------------------------------------------------------------------
+
+#: ``trial_type`` values that mark the onset of a stimulus segment (e.g. a part of a movie).
+STIMULUS_EVENT_NAMES = ("movie_segment",)
+#: Largest spread (s) of the per-segment offsets between the two sessions that one offset may
+#: absorb (presentation jitter); beyond it the sessions did not play the stimulus the same way.
+STIMULUS_TOLERANCE_S = 0.1
+
+
+def read_stimulus_events(events_tsv, names: Sequence[str] = STIMULUS_EVENT_NAMES) -> pd.DataFrame:
+    """Stimulus-segment rows of a BIDS ``events.tsv``: ``segment``, ``onset``, ``duration``.
+
+    A row is a segment onset when its ``trial_type`` is one of ``names``. The segment is named
+    by its ``stim_file`` (the BIDS column for the presented file); without that column, by its
+    rank (``#1``, ``#2`` ... in onset order). ``duration`` is NaN where the table has none.
+
+    Raises :class:`SambaMissingInputError` (no such file) or :class:`SambaInputError` naming
+    the file: unreadable table, no ``onset``/``trial_type`` column, no stimulus event, a
+    segment listed twice, an onset that is n/a.
+    """
+    from samba_pipeline.errors import SambaMissingInputError
+
+    path = os.fspath(events_tsv)
+    if not os.path.isfile(path):
+        raise SambaMissingInputError(
+            "events.tsv with the stimulus-segment onsets not found (needed to align "
+            "recordings from different sessions)", path=path)
+    try:
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False, dtype=str)
+    except Exception as exc:  # pandas' parser errors have many types
+        raise SambaInputError(f"cannot read the events table: {exc}", path=path) from None
+    missing = [c for c in ("onset", "trial_type") if c not in table.columns]
+    if missing:
+        raise SambaInputError(
+            f"events table lacks the column(s) {missing}; stimulus segments are rows with "
+            f"'onset' and trial_type one of {list(names)}", path=path)
+    kinds = table["trial_type"].fillna("n/a").astype(str).str.strip()
+    rows = table[kinds.isin([str(n).strip() for n in names])]
+    if rows.empty:
+        found = sorted(set(kinds))[:10]
+        raise SambaInputError(
+            f"no stimulus-segment events (trial_type {', '.join(map(repr, names))}) in the "
+            f"events table (trial types found: {', '.join(found) or 'none'}); name yours with "
+            "--stimulus-event", path=path)
+    onset = pd.to_numeric(rows["onset"], errors="coerce").to_numpy(float)
+    if not np.isfinite(onset).all():
+        raise SambaInputError(f"{int((~np.isfinite(onset)).sum())} stimulus event(s) have no "
+                              "valid onset", path=path)
+    duration = (pd.to_numeric(rows["duration"], errors="coerce").to_numpy(float)
+                if "duration" in rows.columns else np.full(onset.size, np.nan))
+    order = np.argsort(onset, kind="stable")
+    if "stim_file" in rows.columns and rows["stim_file"].notna().all():
+        segment = rows["stim_file"].astype(str).str.strip().to_numpy()[order]
+    else:
+        segment = np.array([f"#{i + 1}" for i in range(onset.size)])
+    dup = sorted({s for s in segment if (segment == s).sum() > 1})
+    if dup:
+        raise SambaInputError(f"stimulus segment(s) {dup} start more than once; one onset per "
+                              "segment is needed to align the sessions", path=path)
+    return pd.DataFrame({"segment": segment, "onset": onset[order], "duration": duration[order]})
+
+
+def match_stimulus_segments(ephys_segments: pd.DataFrame, fmri_segments: pd.DataFrame, *,
+                            tolerance_s: float = STIMULUS_TOLERANCE_S,
+                            ephys_events_file=None, fmri_events_file=None) -> dict:
+    """Match the stimulus segments of two sessions by name and check that one offset fits.
+
+    Returns ``segments`` (shared names, fMRI order), ``ephys_onset``/``fmri_onset``/
+    ``ephys_duration``/``fmri_duration`` (arrays), ``offset_s`` (mean of the per-segment
+    ``ephys_onset - fmri_onset``), ``residual_s`` and ``warnings``; raises
+    :class:`SambaInputError` naming the events files (see
+    :func:`estimate_stimulus_alignment`).
+    """
+    tolerance_s = _positive_float(tolerance_s, "stimulus tolerance", ephys_events_file)
+    both = f"{ephys_events_file or 'EEG/MEG events'} and {fmri_events_file or 'fMRI events'}"
+    where = ephys_events_file or fmri_events_file
+    warn: list[str] = []
+
+    eph = ephys_segments.set_index("segment")
+    fmr = fmri_segments.set_index("segment")
+    ranked = [str(s).startswith("#") for s in (*eph.index, *fmr.index)]
+    if any(ranked) and len(eph) != len(fmr):
+        raise SambaInputError(
+            f"the stimulus segments have no names (no stim_file column) and their numbers "
+            f"differ ({len(eph)} vs {len(fmr)} in {both}): add stim_file to both tables",
+            path=where)
+    common = [s for s in fmr.index if s in eph.index]
+    if not common:
+        raise SambaInputError(
+            f"no stimulus segment is shared by {both} (EEG/MEG: {', '.join(map(str, eph.index[:5]))}; "
+            f"fMRI: {', '.join(map(str, fmr.index[:5]))}): the sessions did not present the same "
+            "stimulus", path=where)
+    only = sorted(set(eph.index) ^ set(fmr.index))
+    if only:
+        warn.append(f"{len(only)} stimulus segment(s) appear in one session only and are not "
+                    f"used: {', '.join(map(str, only[:5]))}")
+    on_e = eph.loc[common, "onset"].to_numpy(float)
+    on_f = fmr.loc[common, "onset"].to_numpy(float)
+    dur_e = eph.loc[common, "duration"].to_numpy(float)
+    dur_f = fmr.loc[common, "duration"].to_numpy(float)
+    both_dur = np.isfinite(dur_e) & np.isfinite(dur_f)
+    bad_dur = both_dur & (np.abs(dur_e - dur_f) > tolerance_s)
+    if bad_dur.any():
+        i = int(np.argmax(bad_dur))
+        raise SambaInputError(
+            f"stimulus segment {common[i]!r} lasts {dur_e[i]:g} s in the EEG/MEG session but "
+            f"{dur_f[i]:g} s in the fMRI session ({both}): not the same stimulus", path=where)
+    if np.any(np.diff(on_e) <= 0):
+        raise SambaInputError(
+            f"the shared stimulus segments play in a different order in {both}; samba-bids "
+            "aligns sessions with one time offset", path=where)
+    offsets = on_e - on_f
+    offset = float(offsets.mean())
+    residual = offsets - offset
+    spread = float(offsets.max() - offsets.min())
+    if spread > tolerance_s:
+        raise SambaInputError(
+            f"the stimulus segments are spaced differently in the two sessions (per-segment "
+            f"offsets EEG/MEG - fMRI range {offsets.min():.3f} to {offsets.max():.3f} s, more "
+            f"than the tolerance {tolerance_s:g} s) in {both}; samba-bids aligns sessions with "
+            "one time offset (raise --stimulus-tolerance only for presentation jitter)",
+            path=where)
+    return {"segments": common, "ephys_onset": on_e, "fmri_onset": on_f,
+            "ephys_duration": dur_e, "fmri_duration": dur_f, "offset_s": offset,
+            "residual_s": residual, "warnings": warn}
+
+
+def estimate_stimulus_alignment(
+    ephys_segments: pd.DataFrame,
+    fmri_segments: pd.DataFrame,
+    n_volumes: int,
+    tr: float,
+    ephys_duration: float,
+    ephys_sfreq: float,
+    *,
+    tolerance_s: float = STIMULUS_TOLERANCE_S,
+    crop_to_stimulus: bool = True,
+    ephys_file: str | os.PathLike | None = None,
+    ephys_events_file: str | os.PathLike | None = None,
+    fmri_events_file: str | os.PathLike | None = None,
+) -> dict:
+    """Align an fMRI run to an EEG/MEG recording of *another* session by the stimulus.
+
+    Both sessions presented the same stimulus segments; ``ephys_segments`` and
+    ``fmri_segments`` are :func:`read_stimulus_events` tables (ephys onsets in s from the first
+    ephys sample; fMRI onsets in s from the start of volume 0, as BIDS defines them). Segments
+    are matched by name; each gives one offset ``ephys_onset - fmri_onset``, and their mean
+    (least squares) is the ephys time of fMRI volume 0 (``offset_s``). Volume k then lies at
+    ``offset_s + k * TR`` on the ephys clock, as with scanner triggers, and the crop follows
+    :func:`estimate_alignment`'s rules. With ``crop_to_stimulus`` only the volumes that lie
+    entirely within the stimulus (first matched onset to last matched segment's end) are kept:
+    outside it the two sessions share nothing.
+
+    Returns the fields of :func:`estimate_alignment` (trigger statistics empty;
+    ``method = "stimulus_events"``) plus ``n_segments``, ``segments`` (per matched segment:
+    name, both onsets, residual), ``offset_residual_max_s``, ``stimulus_window_s`` (ephys
+    clock) and the two events files.
+
+    Raises :class:`SambaInputError` naming the events files when no segment is shared, when a
+    matched segment's duration differs between the sessions by more than ``tolerance_s`` or
+    when the per-segment offsets spread more than ``tolerance_s`` (the stimulus was not played
+    with the same timing in both sessions).
+    """
+    n_volumes = _positive_int(n_volumes, "number of volumes", ephys_file)
+    tr = _positive_float(tr, "repetition time", ephys_file)
+    ephys_duration = _positive_float(ephys_duration, "ephys recording duration", ephys_file)
+    sfreq = _positive_float(ephys_sfreq, "ephys sampling frequency", ephys_file)
+    tolerance_s = _positive_float(tolerance_s, "stimulus tolerance", ephys_file)
+    both = f"{ephys_events_file or 'EEG/MEG events'} and {fmri_events_file or 'fMRI events'}"
+    where = ephys_events_file or ephys_file
+    match = match_stimulus_segments(ephys_segments, fmri_segments, tolerance_s=tolerance_s,
+                                    ephys_events_file=ephys_events_file,
+                                    fmri_events_file=fmri_events_file)
+    common, on_e, on_f, dur_e, dur_f = (match[k] for k in ("segments", "ephys_onset",
+                                                            "fmri_onset", "ephys_duration",
+                                                            "fmri_duration"))
+    offset, residual = match["offset_s"], match["residual_s"]
+    warn: list[str] = list(match["warnings"])
+    # the stimulus on the ephys clock: first shared onset to the end of the last shared segment
+    dur = np.where(np.isfinite(dur_f), dur_f, dur_e)
+    last = len(common) - 1
+    end_last = on_f[last] + (dur[last] if np.isfinite(dur[last]) else np.nan)
+    if not np.isfinite(end_last):
+        end_last = n_volumes * tr  # unknown length: the stimulus runs to the end of the run
+        warn.append("the last stimulus segment has no duration: assumed to last to the end of "
+                    "the fMRI run")
+    window = (offset + float(on_f[0]), offset + float(end_last))
+
+    k = np.arange(n_volumes)
+    t_k = offset + k * tr
+    n_samples = int(to_sample(ephys_duration, sfreq))
+    start_k = to_sample(t_k, sfreq)
+    stop_k = to_sample(t_k + tr, sfreq)
+    kept = (start_k >= 0) & (stop_k <= n_samples)
+    if crop_to_stimulus:
+        eps = 1e-9
+        kept &= (t_k >= window[0] - 0.5 / sfreq - eps) & (t_k + tr <= window[1] + 0.5 / sfreq + eps)
+    n_kept = int(kept.sum())
+    if n_kept < 2:
+        raise SambaInputError(
+            f"only {n_kept} fMRI volume(s) of {n_volumes} fall within both the stimulus "
+            f"({window[0]:.2f}-{window[1]:.2f} s on the EEG/MEG clock) and the EEG/MEG recording "
+            f"[0, {ephys_duration:g}] s (at least 2 needed; {both})", path=where)
+    first = int(np.argmax(kept))
+    last_kept = first + n_kept - 1
+    if n_kept < n_volumes:
+        warn.append(f"{first} volume(s) before and {n_volumes - 1 - last_kept} after the "
+                    f"{'stimulus' if crop_to_stimulus else 'ephys recording'} were cropped")
+    t_first = float(t_k[first])
+    spv = tr * sfreq
+    for message in warn:
+        LOGGER.warning("%s%s", f"{where}: " if where else "", message)
+    return {
+        "method": "stimulus_events",
+        "offset_s": offset,
+        "tr": tr,
+        "n_volumes": n_volumes,
+        "n_triggers": 0,
+        "skip_triggers": 0,
+        "n_extra_triggers": 0,
+        "n_missing_triggers": 0,
+        "first_volume": first,
+        "last_volume": last_kept,
+        "fmri_start": first,
+        "fmri_stop": last_kept + 1,
+        "n_volumes_kept": n_kept,
+        "start_time_s": t_first,
+        "duration_s": n_kept * tr,
+        "ephys_sfreq": sfreq,
+        "n_ephys_samples": n_samples,
+        "ephys_start_sample": int(to_sample(t_first, sfreq)),
+        "ephys_stop_sample": int(to_sample(t_first + n_kept * tr, sfreq)),
+        "samples_per_volume": spv,
+        "integer_samples_per_volume": bool(abs(spv - round(spv)) < 1e-6),
+        "trigger_spacing_median_s": None,
+        "trigger_spacing_max_deviation_s": None,
+        "n_irregular_spacings": 0,
+        "max_trigger_drift_s": None,
+        "n_segments": len(common),
+        "segments": [{"segment": str(s), "ephys_onset_s": float(a), "fmri_onset_s": float(b),
+                      "residual_s": float(r)} for s, a, b, r in zip(common, on_e, on_f, residual)],
+        "offset_residual_max_s": float(np.abs(residual).max()),
+        "stimulus_window_s": [float(window[0]), float(window[1])],
+        "crop_to_stimulus": bool(crop_to_stimulus),
+        "ephys_events_file": None if ephys_events_file is None else os.fspath(ephys_events_file),
+        "fmri_events_file": None if fmri_events_file is None else os.fspath(fmri_events_file),
+        "warnings": warn,
+    }

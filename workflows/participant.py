@@ -23,6 +23,7 @@ from samba_pipeline.interfaces.participant import (
     CropAndGraph,
     DerivativesSink,
     MakeSidecar,
+    OptionalDerivativesSink,
     ParcellateBold,
     PreprocessEphys,
 )
@@ -107,6 +108,11 @@ def init_run_wf(settings: Settings, pair: RunPair, atlases: dict, facts: dict) -
                               volume_trigger=list(wset.volume_trigger), ephys_file=pair.ephys_file,
                               window_lengths=[float(x) for x in wset.window_lengths]),
                     name="align")
+    if pair.pairing != "simultaneous":  # recordings of other sessions: the stimulus aligns them
+        align.inputs.trait_set(pairing=pair.pairing, ephys_events=pair.ephys_events,
+                               bold_events=pair.bold_events,
+                               stimulus_event=list(wset.stimulus_event),
+                               stimulus_tolerance=float(wset.stimulus_tolerance))
     crop = pe.Node(CropAndGraph(), name="crop_graph", mem_gb=facts["ephys_mem_gb"])
 
     sources_eeg = [_uri(settings, pair.ephys_file)]
@@ -163,6 +169,11 @@ def init_run_wf(settings: Settings, pair: RunPair, atlases: dict, facts: dict) -
                                               suffix="channels", extension=".tsv"))
     ds_alignment = sink("alignment", dict(ents, suffix="alignment", extension=".json"))
     ds_windows = sink("windows", dict(ents, suffix="windows", extension=".tsv"))
+    if pair.pairing == "simultaneous" and datatype == "eeg":  # figure only if MR correction ran
+        ds_mr_qc = pe.Node(OptionalDerivativesSink(
+            output_dir=out, entities=dict(ents, desc="mrartifacts", suffix=datatype, extension=".svg")),
+            name="ds_mr_qc", run_without_submitting=True)
+        wf.connect(ephys, "mr_qc_figure", ds_mr_qc, "in_file")
 
     wf.connect([
         (ephys, align, [("events_tsv", "events_tsv"), ("sfreq", "ephys_sfreq"),

@@ -43,6 +43,11 @@ class RunPair:
     confounds_file: str | None = None
     bold_source: str = "fmriprep"  # "fmriprep" or "raw"
     acquisition: str | None = None
+    #: "simultaneous" (aligned by scanner triggers), or the rule that paired recordings of
+    #: different sessions/subjects (aligned by the stimulus events in the two events files)
+    pairing: str = "simultaneous"
+    ephys_events: str | None = None
+    bold_events: str | None = None
 
     @property
     def entities(self) -> dict[str, str]:
@@ -86,7 +91,7 @@ def _ignore_patterns(settings: Settings) -> list:
               re.compile(r"^.*/\."),
               re.compile(r"sub-[a-zA-Z0-9]+(/ses-[a-zA-Z0-9]+)?/(anat|beh|dwi|fmap|perf|pet|ieeg|nirs|motion|micr)")]
     labels = settings.execution.participant_label
-    if labels:
+    if labels and settings.workflow.pairing != "same-stimulus":  # that rule may need any subject
         keep = "|".join(re.escape(label) for label in labels)
         ignore.append(re.compile(rf"sub-(?!({keep})(\b|_))[a-zA-Z0-9]+"))
     return ignore
@@ -184,9 +189,13 @@ def collect_pairs(settings: Settings, layout=None, unpaired: str | None = None) 
 
     fmriprep = settings.fmriprep_dir()
     any_ephys = False
+    pairing = settings.workflow.pairing
     for subject in subjects:
-        query = dict(datatype=["eeg", "meg"], suffix=["eeg", "meg"], extension=EPHYS_EXTENSIONS, **base)
+        # non-simultaneous pairs are named after the fMRI run: --session-label selects its session
+        ephys_base = {k: v for k, v in base.items() if pairing == "simultaneous" or k != "session"}
+        query = dict(datatype=["eeg", "meg"], suffix=["eeg", "meg"], extension=EPHYS_EXTENSIONS, **ephys_base)
         query.update(_filters(settings, "ephys"))  # the user's filters win
+        ephys_query = dict(query)
         ephys_files = layout.get(scope="raw", subject=subject, **query)
         any_ephys |= bool(ephys_files)
         bolds = []
@@ -201,6 +210,16 @@ def collect_pairs(settings: Settings, layout=None, unpaired: str | None = None) 
             query.update({k: v for k, v in _filters(settings, "bold").items() if k != "space"})
             bolds = layout.get(scope="raw", subject=subject, **query)
             source = "raw"
+        if pairing != "simultaneous" and bolds:
+            from samba_pipeline.bids.stimulus_pairs import pair_by_stimulus
+
+            others = [] if pairing != "same-stimulus" else [
+                f for f in layout.get(scope="raw", **ephys_query) if f.get_entities()["subject"] != subject]
+            any_ephys |= bool(others)
+            everyone = sorted(layout.get_subjects(scope="raw"))
+            report.pairs.extend(pair_by_stimulus(subject, everyone, ephys_files, others, bolds, source,
+                                                 layout, report, pairing, _make_pair, settings.bids_dir))
+            continue
         if not ephys_files and unpaired == "fmri" and bolds:
             report.pairs.extend(_make_pair(subject, None, bold, source, layout) for bold in bolds)
             continue
@@ -235,7 +254,10 @@ def collect_pairs(settings: Settings, layout=None, unpaired: str | None = None) 
                 f"{settings.workflow.fmri_space} space",
                 path=settings.bids_dir,
             )
-        raise SambaNoMatchError("the filters matched no EEG/MEG-fMRI pair:\n" + "\n".join(report.skipped))
+        hint = ("\n(EEG/MEG and fMRI from different sessions or subjects? pair them by the stimulus "
+                "with --pairing same-subject or same-stimulus)" if pairing == "simultaneous" else "")
+        raise SambaNoMatchError("the filters matched no EEG/MEG-fMRI pair:\n" + "\n".join(report.skipped)
+                                + hint)
     return report
 
 

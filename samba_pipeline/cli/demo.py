@@ -4,7 +4,8 @@ Usage::
 
     samba-bids-demo OUTDIR [--subjects N] [--minutes M] [--seed S] [--resolution-mm R]
                     [--eeg-channels C] [--eeg-sfreq F] [--tr T] [--coarse-parcels K]
-                    [--fine-parcels L] [--truth-dir DIR] [--eeg-only LABEL ...] [--overwrite] [-v]
+                    [--fine-parcels L] [--truth-dir DIR] [--eeg-only LABEL ...]
+                    [--mr-artifacts | --non-simultaneous [--meg]] [--overwrite] [-v]
 
 The BIDS dataset goes to OUTDIR, the ground truth to OUTDIR_groundtruth (or --truth-dir).
 Exit codes: 0 success, 2 bad command line (argparse), 64 settings out of range, 73 OUTDIR (or the
@@ -56,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eeg-only", nargs="+", default=[], metavar="LABEL",
                    help="subjects whose fMRI is withheld (moved into the truth directory): EEG-only "
                    "subjects to apply a trained model to (samba-bids ... participant --model-file)")
+    p.add_argument("--mr-artifacts", action="store_true",
+                   help="simultaneous EEG with the uncorrected MR gradient and ballistocardiogram "
+                   "artefacts and an ECG channel (samba-bids corrects them)")
+    p.add_argument("--non-simultaneous", action="store_true",
+                   help="EEG/MEG (ses-eeg/ses-meg) and fMRI (ses-mri) in separate sessions, both "
+                   "watching the same movie segments (movie_segment events with stim_file); "
+                   "process with samba-bids ... --pairing same-subject")
+    p.add_argument("--meg", action="store_true",
+                   help="MEG (FIF via mne-bids: 102 magnetometers + 204 planar gradiometers, "
+                   "sphere-model lead field) instead of EEG; implies --non-simultaneous")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing demo dataset in OUTDIR (and its truth directory)")
     p.add_argument("-v", "--verbose", action="count", default=0,
@@ -94,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             fine_parcels=args.fine_parcels,
             truth_dir=args.truth_dir,
             overwrite=args.overwrite,
+            mr_artifacts=args.mr_artifacts,
+            non_simultaneous=args.non_simultaneous or args.meg,
+            meg=args.meg,
         )
         if args.eeg_only:
             from samba_pipeline.simulate.withhold import withhold_fmri

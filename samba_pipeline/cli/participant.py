@@ -68,7 +68,21 @@ def check_volume_triggers(pair: RunPair, names: list[str]) -> int:
     return int(triggers.size)
 
 
-def inspect_pair(pair: RunPair, layout=None, trigger_names: list[str] | None = None) -> dict:
+def check_stimulus_events(pair: RunPair, names: list[str], tolerance_s: float = 0.1) -> int:
+    """Non-simultaneous pairs: both events.tsv must list the same stimulus segments, with one
+    time offset between the sessions (checked before anything runs); returns their number."""
+    from samba_pipeline.align import match_stimulus_segments, read_stimulus_events
+
+    ephys = read_stimulus_events(pair.ephys_events, names=tuple(names))
+    fmri = read_stimulus_events(pair.bold_events, names=tuple(names))
+    match = match_stimulus_segments(ephys, fmri, tolerance_s=tolerance_s,
+                                    ephys_events_file=pair.ephys_events,
+                                    fmri_events_file=pair.bold_events)
+    return len(match["segments"])
+
+
+def inspect_pair(pair: RunPair, layout=None, trigger_names: list[str] | None = None,
+                 stimulus_names: list[str] | None = None, stimulus_tolerance: float = 0.1) -> dict:
     """Facts the workflow needs from each pair (TR, volumes, sizes), with early input checks.
 
     A run with one side missing (``--model-file`` on EEG/MEG-only or fMRI-only data) gets the
@@ -88,7 +102,9 @@ def inspect_pair(pair: RunPair, layout=None, trigger_names: list[str] | None = N
         raise SambaInputError(f"BOLD series must be 4-D with several volumes, shape is {shape}", path=bold)
     tr = _repetition_time(pair, layout)
     n_volumes = int(shape[-1])
-    if trigger_names is not None:
+    if pair.pairing != "simultaneous":
+        check_stimulus_events(pair, stimulus_names or ["movie_segment"], stimulus_tolerance)
+    elif trigger_names is not None:
         check_volume_triggers(pair, trigger_names)
     if pair.confounds_file:
         n_rows = _count_rows(Path(pair.confounds_file))
@@ -194,7 +210,9 @@ def run_participant(settings: Settings) -> None:
                "fmri": resolve_atlas(settings.workflow.fmri_atlas)}
     LOGGER.log(IMPORTANT, "Atlases: EEG/MEG %s; fMRI %s", atlases["ephys"].spec.label(),
                atlases["fmri"].spec.label())
-    facts = {pair.name: inspect_pair(pair, layout, settings.workflow.volume_trigger)
+    facts = {pair.name: inspect_pair(pair, layout, settings.workflow.volume_trigger,
+                                     settings.workflow.stimulus_event,
+                                     settings.workflow.stimulus_tolerance)
              for pair in report.pairs}
 
     initialise_output_dir(settings.output_dir, dataset_description(

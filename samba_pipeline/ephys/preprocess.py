@@ -511,11 +511,14 @@ _FIR_KWARGS = dict(method="fir", phase="zero", fir_window="hamming", fir_design=
 
 def preprocess_raw(
     raw: mne.io.BaseRaw, settings: EphysSettings | None = None,
-    volume_onsets: np.ndarray | None = None,
+    volume_onsets: np.ndarray | None = None, qc_excerpt: dict | None = None,
 ) -> tuple[mne.io.BaseRaw, dict[str, Any]]:
     """Preprocess one continuous EEG/MEG recording in sensor space.
 
     ``raw`` is not modified. See the module docstring for the order of the steps and why.
+    ``qc_excerpt``, when a dict, receives ``before``/``after`` (n_channels, n) arrays of
+    ``QC_EXCERPT_S`` seconds from the middle of the data channels around the MR artifact
+    correction, and ``sfreq`` (for :func:`samba_pipeline.ephys.artifacts.artifact_qc_figure`).
 
     Returns
     -------
@@ -565,7 +568,7 @@ def preprocess_raw(
     _tick("pick")
 
     # 1b. MR artifacts (gradient, then ballistocardiogram), at the original rate, unfiltered
-    mr_report = _correct_mr_artifacts(raw, settings, volume_onsets, source)
+    mr_report = _correct_mr_artifacts(raw, settings, volume_onsets, source, qc_excerpt)
     ecg_names = [raw.ch_names[i] for i in mne.pick_types(raw.info, meg=False, ecg=True, exclude=())]
     if settings.ecg_channel in raw.ch_names and settings.ecg_channel not in ecg_names:
         ecg_names.append(settings.ecg_channel)
@@ -730,14 +733,24 @@ def preprocess_raw(
     return raw, report
 
 
+#: Length (s) of the before/after excerpt of the MR artifact QC figure.
+QC_EXCERPT_S = 20.0
+
+
 def _correct_mr_artifacts(raw: mne.io.BaseRaw, settings: EphysSettings,
-                          volume_onsets: np.ndarray | None, source: str | None) -> dict[str, Any]:
+                          volume_onsets: np.ndarray | None, source: str | None,
+                          qc_excerpt: dict | None = None) -> dict[str, Any]:
     """Gradient and ballistocardiogram correction of ``raw`` in place (artifacts module)."""
     from samba_pipeline.ephys import artifacts
 
     sfreq = float(raw.info["sfreq"])
     report: dict[str, Any] = {}
     data_picks = _data_picks(raw.info, settings.ch_types, exclude=())
+    n_qc = min(raw.n_times, int(QC_EXCERPT_S * sfreq))
+    qc_start = (raw.n_times - n_qc) // 2
+    before = None
+    if qc_excerpt is not None:  # a short excerpt only: the full copy would double the memory
+        before = raw.get_data(picks=data_picks, start=qc_start, stop=qc_start + n_qc)
     ecg_picks = mne.pick_types(raw.info, meg=False, ecg=True, exclude=())
     if settings.ecg_channel in raw.ch_names:
         ecg_picks = np.union1d(ecg_picks, [raw.ch_names.index(settings.ecg_channel)])
@@ -773,6 +786,10 @@ def _correct_mr_artifacts(raw: mne.io.BaseRaw, settings: EphysSettings,
 
         raw.apply_function(_bcg, picks=data_picks, channel_wise=False, verbose=False)
         report["bcg"]["ecg_channel"] = ecg_name
+    if qc_excerpt is not None:
+        qc_excerpt.update(before=before, sfreq=sfreq, start_s=qc_start / sfreq,
+                          after=raw.get_data(picks=data_picks, start=qc_start,
+                                             stop=qc_start + n_qc))
     return report
 
 

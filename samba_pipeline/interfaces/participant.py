@@ -18,6 +18,7 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -39,6 +40,8 @@ class _PreprocessEphysOutputSpec(TraitedSpec):
     channels_tsv = File(exists=True, desc="channel table with status (good/bad) and reason")
     sfreq = traits.Float(desc="sampling frequency after preprocessing")
     duration = traits.Float(desc="duration of the preprocessed recording (n_samples / sfreq)")
+    mr_qc_figure = File(exists=True, desc="before/after figure of the MR artifact correction "
+                        "(only when a correction ran)")
 
 
 class PreprocessEphys(SimpleInterface):
@@ -58,8 +61,11 @@ class PreprocessEphys(SimpleInterface):
         from samba_pipeline.ephys.preprocess import EphysSettings, preprocess_raw
         from samba_pipeline.ephys.read import events_from_raw, read_bids_events, read_ephys
 
-        settings = EphysSettings.from_dict(dict(self.inputs.settings or {}))
+        options = dict(self.inputs.settings or {})
         bids_path = get_bids_path_from_fname(self.inputs.ephys_file)
+        if "ch_types" not in options and bids_path.datatype == "meg":
+            options["ch_types"] = ["meg"]  # magnetometers and gradiometers, as MNE handles them
+        settings = EphysSettings.from_dict(options)
         raw = read_ephys(bids_path)
         orig_sfreq = float(raw.info["sfreq"])
         orig_duration = raw.n_times / orig_sfreq
@@ -77,8 +83,13 @@ class PreprocessEphys(SimpleInterface):
         volumes = find_volume_triggers(events["onset"].to_numpy(float),
                                        events["description"].astype(str).to_numpy(), names=names,
                                        path=self.inputs.ephys_file)
-        clean, report = preprocess_raw(raw, settings, volume_onsets=volumes)
+        excerpt: dict = {}
+        clean, report = preprocess_raw(raw, settings, volume_onsets=volumes, qc_excerpt=excerpt)
         report = dict(report)
+        figure = _mr_artifact_figure(report.get("mr_artifacts") or {}, excerpt, runtime.cwd,
+                                     self.inputs.ephys_file)
+        if figure is not None:
+            self._results["mr_qc_figure"] = figure
         if settings.space == "source":
             clean, report["source_space"] = _to_source_space(clean, settings, self.inputs.atlas_file,
                                                        self.inputs.atlas_table,
@@ -107,6 +118,21 @@ class PreprocessEphys(SimpleInterface):
         self._results.update(raw_file=str(raw_file), sfreq=float(clean.info["sfreq"]),
                              duration=float(clean.n_times / clean.info["sfreq"]))
         return runtime
+
+
+def _mr_artifact_figure(mr_report: dict, excerpt: dict, cwd, ephys_file) -> str | None:
+    """Before/after figure of the MR artifact correction (SVG), when a correction ran."""
+    from samba_pipeline.ephys.artifacts import artifact_qc_figure
+
+    applied = [name for name in ("gradient", "bcg") if (mr_report.get(name) or {}).get("applied")]
+    if not applied or excerpt.get("before") is None:
+        return None
+    sfreq = float(excerpt["sfreq"])
+    title = (f"{Path(str(ephys_file)).name}: {' + '.join(applied)} correction "
+             f"({excerpt['start_s']:.0f}-{excerpt['start_s'] + excerpt['before'].shape[1] / sfreq:.0f} s)")
+    path = Path(cwd) / "mr_artifacts_qc.svg"
+    artifact_qc_figure(excerpt["before"], excerpt["after"], sfreq, path, title=title)
+    return str(path)
 
 
 def _to_source_space(clean, settings, atlas_file, atlas_table, ephys_file):
@@ -201,6 +227,12 @@ class _AlignInputSpec(BaseInterfaceInputSpec):
     repetition_time = traits.Float(mandatory=True)
     volume_trigger = traits.List(traits.Str, mandatory=True)
     window_lengths = traits.List(traits.Float, mandatory=True)
+    pairing = traits.Str("simultaneous", usedefault=True,
+                         desc="'simultaneous' (scanner triggers) or a non-simultaneous rule")
+    ephys_events = File(exists=True, desc="EEG/MEG events.tsv with the stimulus segments")
+    bold_events = File(exists=True, desc="fMRI events.tsv with the stimulus segments")
+    stimulus_event = traits.List(traits.Str, desc="trial_type of the stimulus segments")
+    stimulus_tolerance = traits.Float(0.1, usedefault=True)
 
 
 class _AlignOutputSpec(TraitedSpec):
@@ -209,7 +241,8 @@ class _AlignOutputSpec(TraitedSpec):
 
 
 class AlignRuns(SimpleInterface):
-    """Put EEG/MEG and fMRI on one timeline from the scanner volume triggers."""
+    """Put EEG/MEG and fMRI on one timeline from the scanner volume triggers, or (recordings
+    of different sessions) from the stimulus-segment events of both sessions."""
 
     input_spec = _AlignInputSpec
     output_spec = _AlignOutputSpec
@@ -217,15 +250,18 @@ class AlignRuns(SimpleInterface):
     def _run_interface(self, runtime):
         from samba_pipeline.align import estimate_alignment, find_volume_triggers, make_windows
 
-        events = read_tsv(self.inputs.events_tsv)
         source = self.inputs.ephys_file or None
-        triggers = find_volume_triggers(events["onset"].to_numpy(float),
-                                        events["description"].astype(str).to_numpy(),
-                                        names=tuple(self.inputs.volume_trigger), path=source)
-        alignment = estimate_alignment(
-            triggers, self.inputs.n_volumes, self.inputs.repetition_time,
-            self.inputs.ephys_duration, self.inputs.ephys_sfreq, ephys_file=source,
-        )
+        if self.inputs.pairing != "simultaneous":
+            alignment = _stimulus_alignment(self.inputs, source)
+        else:
+            events = read_tsv(self.inputs.events_tsv)
+            triggers = find_volume_triggers(events["onset"].to_numpy(float),
+                                            events["description"].astype(str).to_numpy(),
+                                            names=tuple(self.inputs.volume_trigger), path=source)
+            alignment = estimate_alignment(
+                triggers, self.inputs.n_volumes, self.inputs.repetition_time,
+                self.inputs.ephys_duration, self.inputs.ephys_sfreq, ephys_file=source,
+            )
         windows = make_windows(alignment["n_volumes_kept"], self.inputs.repetition_time,
                                self.inputs.ephys_sfreq, lengths_s=tuple(self.inputs.window_lengths))
         alignment = dict(alignment)
@@ -236,6 +272,31 @@ class AlignRuns(SimpleInterface):
         self._results["alignment_json"] = str(write_json(cwd / "alignment.json", alignment))
         self._results["windows_tsv"] = str(write_tsv(cwd / "windows.tsv", windows))
         return runtime
+
+
+def _stimulus_alignment(inputs, source) -> dict:
+    from samba_pipeline.align import (
+        STIMULUS_EVENT_NAMES,
+        estimate_stimulus_alignment,
+        read_stimulus_events,
+    )
+    from samba_pipeline.errors import SambaMissingInputError
+
+    for name in ("ephys_events", "bold_events"):
+        if not isdefined(getattr(inputs, name)):
+            raise SambaMissingInputError(f"{inputs.pairing} pairing needs the {name} file",
+                                         path=source)
+    names = tuple(inputs.stimulus_event) if isdefined(inputs.stimulus_event) and \
+        inputs.stimulus_event else STIMULUS_EVENT_NAMES
+    alignment = estimate_stimulus_alignment(
+        read_stimulus_events(inputs.ephys_events, names),
+        read_stimulus_events(inputs.bold_events, names), inputs.n_volumes,
+        inputs.repetition_time, inputs.ephys_duration, inputs.ephys_sfreq,
+        tolerance_s=inputs.stimulus_tolerance, ephys_file=source,
+        ephys_events_file=inputs.ephys_events, fmri_events_file=inputs.bold_events)
+    alignment["pairing"] = inputs.pairing
+    alignment["stimulus_event"] = list(names)
+    return alignment
 
 
 class _CropGraphInputSpec(BaseInterfaceInputSpec):
@@ -331,6 +392,22 @@ class DerivativesSink(SimpleInterface):
         return runtime
 
 
+class _OptionalSinkInputSpec(_SinkInputSpec):
+    in_file = File(exists=True, desc="nothing is written when undefined")
+
+
+class OptionalDerivativesSink(DerivativesSink):
+    """A :class:`DerivativesSink` for outputs that exist only sometimes (e.g. a QC figure of a
+    correction that did not run): without ``in_file`` it writes nothing."""
+
+    input_spec = _OptionalSinkInputSpec
+
+    def _run_interface(self, runtime):
+        if not isdefined(self.inputs.in_file):
+            return runtime
+        return super()._run_interface(runtime)
+
+
 class _SidecarInputSpec(BaseInterfaceInputSpec):
     base = traits.Dict(desc="static metadata")
     sampling_frequency = traits.Float(desc="SamplingFrequency (Hz)")
@@ -363,4 +440,4 @@ class MakeSidecar(SimpleInterface):
 
 
 __all__ = ["PreprocessEphys", "ParcellateBold", "AlignRuns", "CropAndGraph", "DerivativesSink",
-           "MakeSidecar"]
+           "MakeSidecar", "OptionalDerivativesSink"]

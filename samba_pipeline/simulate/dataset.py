@@ -51,10 +51,12 @@ DEFAULT_FINE_PARCELS = 50
 NON_STEADY_STATE_VOLUMES = 2
 TRIGGER = "R128"
 TRIGGER_CODE = 128
+STIMULUS_CODE = 10
+ECG_CHANNEL = "ECG"
 MEAS_DATE = dt.datetime(2024, 1, 1, 9, 0, 0, tzinfo=dt.UTC)
 #: Random stream ids (the third entry of the seed sequence).
 _STREAM = {"timing": 1, "neural": 2, "head": 3, "sensor": 4, "hrf": 5, "motion": 6, "voxels": 7,
-           "participant": 8}
+           "participant": 8, "neural_mri": 9, "stimulus": 10, "mr": 11}
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,12 @@ class DemoSettings:
     coarse_parcels: int = DEFAULT_COARSE_PARCELS
     fine_parcels: int = DEFAULT_FINE_PARCELS
     non_steady_state_volumes: int = NON_STEADY_STATE_VOLUMES
+    #: EEG with uncorrected MR gradient and ballistocardiogram artefacts, plus an ECG channel
+    mr_artifacts: bool = False
+    #: EEG/MEG and fMRI in separate sessions (ses-eeg/ses-meg, ses-mri) watching one stimulus
+    non_simultaneous: bool = False
+    #: MEG (FIF, 102 magnetometers + 204 planar gradiometers) instead of EEG; non-simultaneous
+    meg: bool = False
 
     @property
     def n_volumes(self) -> int:
@@ -88,6 +96,15 @@ class DemoSettings:
             )
         if self.non_steady_state_volumes < 0:
             raise SambaUsageError("non_steady_state_volumes must be >= 0")
+        if self.meg and not self.non_simultaneous:
+            raise SambaUsageError("MEG cannot be recorded inside an MR scanner: the MEG demo is "
+                                  "non-simultaneous (--non-simultaneous)")
+        if self.mr_artifacts and self.non_simultaneous:
+            raise SambaUsageError("--mr-artifacts belongs to simultaneous EEG-fMRI; it cannot be "
+                                  "combined with --non-simultaneous or --meg")
+        if self.non_simultaneous and self.n_volumes * self.tr < 60.0:
+            raise SambaUsageError(f"the non-simultaneous demo needs fMRI runs of at least 60 s "
+                                  f"(--minutes {self.minutes} at TR {self.tr} s is shorter)")
 
 
 def _rng(seed: int, subject: int, stream: str) -> np.random.Generator:
@@ -210,49 +227,69 @@ def write_atlas_derivative(root: Path, atlas: DemoAtlas) -> dict[str, Path]:
 # --- one subject -------------------------------------------------------------------------------
 
 
-def _bids_path(root: Path, sub: str):
+def _bids_path(root: Path, sub: str, session: str | None = None, task: str = TASK,
+               datatype: str = "eeg"):
     import mne_bids
 
-    return mne_bids.BIDSPath(subject=sub, task=TASK, datatype="eeg", root=root)
+    return mne_bids.BIDSPath(subject=sub, session=session, task=task, datatype=datatype, root=root)
 
 
 def _write_eeg(root: Path, sub: str, data: np.ndarray, head, sfreq: float,
-               trigger_samples: np.ndarray, meas_date: dt.datetime) -> Path:
+               trigger_samples: np.ndarray, meas_date: dt.datetime, *, session: str | None = None,
+               task: str = TASK, events: dict | None = None, ecg: np.ndarray | None = None,
+               description: str | None = None) -> Path:
+    """Write one BrainVision EEG recording with mne-bids.
+
+    The events are the scanner volume triggers (``trigger_samples``), or ``events``
+    (``onset`` s, ``duration`` s, ``trial_type``, ``stim_file``: stimulus segments of a
+    non-simultaneous session), whose ``stim_file`` column is added to events.tsv. ``ecg`` (V)
+    adds an ECG channel (ballistocardiogram correction needs it).
+    """
     import mne
     import mne_bids
 
-    info = mne.create_info(head.ch_names, sfreq, "eeg")
+    names, types = list(head.ch_names), ["eeg"] * len(head.ch_names)
+    if ecg is not None:
+        names.append(ECG_CHANNEL)
+        types.append("ecg")
+        data = np.vstack([data, ecg[None, :]])
+    info = mne.create_info(names, sfreq, types)
+    if events is None:
+        onsets, durations = trigger_samples / sfreq, np.zeros(len(trigger_samples))
+        descriptions, event_id = [TRIGGER] * len(trigger_samples), {TRIGGER: TRIGGER_CODE}
+    else:
+        onsets, durations = np.asarray(events["onset"]), np.asarray(events["duration"])
+        descriptions = list(events["trial_type"])
+        event_id = {name: STIMULUS_CODE + i for i, name in enumerate(sorted(set(descriptions)))}
     with mne.utils.use_log_level("error"), warnings.catch_warnings():
         raw = mne.io.RawArray(data, info, verbose="error")
         raw.set_montage(head.montage)
         raw.set_meas_date(meas_date)
         raw.info["line_freq"] = LINE_FREQ
-        raw.set_annotations(
-            mne.Annotations(
-                onset=trigger_samples / sfreq,
-                duration=np.zeros(len(trigger_samples)),
-                description=[TRIGGER] * len(trigger_samples),
-                orig_time=meas_date,
-            )
-        )
-        bids_path = _bids_path(root, sub)
+        raw.set_annotations(mne.Annotations(onset=onsets, duration=durations,
+                                            description=descriptions, orig_time=meas_date))
+        bids_path = _bids_path(root, sub, session, task)
         # our dataset_description.json (BIDS 1.10.0) is kept: silence mne-bids' version notice
         warnings.filterwarnings("ignore", message="Conflicting BIDSVersion", category=UserWarning)
         mne_bids.write_raw_bids(
             raw, bids_path, format="BrainVision", allow_preload=True, overwrite=True,
-            event_id={TRIGGER: TRIGGER_CODE}, verbose="error",
+            event_id=event_id, verbose="error",
         )
-    eeg_dir = root / f"sub-{sub}" / "eeg"
-    stem = f"sub-{sub}_task-{TASK}"
-    # Brain Products writes the volume marker as a "Response" marker "R128"
-    vmrk = eeg_dir / f"{stem}_eeg.vmrk"
-    text = vmrk.read_text(encoding="utf-8")
-    vmrk.write_text(text.replace(f"Stimulus,S{TRIGGER_CODE},", f"Response,{TRIGGER},"), encoding="utf-8")
+    eeg_dir = Path(bids_path.directory)
+    stem = bids_path.copy().update(datatype=None, suffix=None, extension=None).basename
+    if events is None:
+        # Brain Products writes the volume marker as a "Response" marker "R128"
+        vmrk = eeg_dir / f"{stem}_eeg.vmrk"
+        text = vmrk.read_text(encoding="utf-8")
+        vmrk.write_text(text.replace(f"Stimulus,S{TRIGGER_CODE},", f"Response,{TRIGGER},"),
+                        encoding="utf-8")
+    else:
+        _add_stim_file(eeg_dir / f"{stem}_events.tsv", events)
     sidecar = eeg_dir / f"{stem}_eeg.json"
     meta = json.loads(sidecar.read_text(encoding="utf-8"))
     meta.update(
         {
-            "TaskDescription": (
+            "TaskDescription": description or (
                 "Simulated eyes-open rest during simultaneous EEG-fMRI (samba-bids demo). The "
                 "EEG is given as after MR gradient and ballistocardiogram correction."
             ),
@@ -267,6 +304,83 @@ def _write_eeg(root: Path, sub: str, data: np.ndarray, head, sfreq: float,
     )
     _write_json(sidecar, meta)
     return eeg_dir
+
+
+def _add_stim_file(path: Path, events: dict) -> None:
+    """Add the ``stim_file`` column to an events.tsv mne-bids wrote (rows in onset order)."""
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    order = np.argsort(np.asarray(events["onset"], dtype=float), kind="stable")
+    if len(table) != len(order):
+        raise RuntimeError(f"{path}: {len(table)} rows written for {len(order)} events")
+    table["stim_file"] = [events["stim_file"][i] for i in order]
+    _write_tsv(path, table)
+
+
+def simulate_bold(index: int, settings: DemoSettings, atlas: DemoAtlas, neural,
+                  onsets: np.ndarray) -> dict:
+    """Noise-free and synthetic BOLD of one run, volume k acquired at ``onsets[k]`` (s, on the
+    clock of ``neural``): the drive is the coupled, z-scored log band power of ``neural``."""
+    seed, tr = settings.seed, float(settings.tr)
+    n_vol, nss = len(onsets), settings.non_steady_state_volumes
+    z_env = neural.log_power / LOG_POWER_SD
+    drive = np.einsum("b,cbt->ct", bold_mod.COUPLING, z_env)
+    rng_hrf = _rng(seed, index, "hrf")
+    hrf = bold_mod.draw_hrf_parameters(rng_hrf, atlas.n_fine)
+    amp = rng_hrf.uniform(0.6, 1.4, atlas.n_fine)  # BOLD amplitude, percent signal change
+    response = bold_mod.hemodynamic_response(drive, hrf, atlas.fine_to_coarse)
+    y = interp_rows(neural.env_times, response, onsets).T  # (n_vol, n_fine)
+    y = (y - y.mean(0)) / y.std(0)
+    bold_clean = y * amp[None, :]
+    bold_clean -= bold_clean.mean(0)
+
+    motion, motion_events = bold_mod.simulate_motion(_rng(seed, index, "motion"), n_vol, nss)
+    vols = bold_mod.synthesize_volumes(
+        _rng(seed, index, "voxels"), atlas, bold_clean, motion, motion_events, nss
+    )
+    confounds, confounds_meta = bold_mod.make_confounds(vols, motion, tr)
+    return {"bold_clean": bold_clean, "hrf": hrf, "amp": amp, "motion": motion,
+            "motion_events": motion_events, "vols": vols, "confounds": confounds,
+            "confounds_meta": confounds_meta}
+
+
+def write_bold(bids_root: Path, rel: str, stem: str, hemo: dict, atlas: DemoAtlas, tr: float,
+               task: str, description: str) -> tuple[Path, str]:
+    """Write the raw BOLD of ``hemo`` (from :func:`simulate_bold`) under ``rel/func`` and its
+    fMRIPrep-like derivatives; returns ``(derivatives func folder, preproc stem)``."""
+    vols, confounds, confounds_meta = hemo.pop("vols"), hemo["confounds"], hemo["confounds_meta"]
+    func = bids_root / rel / "func"
+    _save_nifti(_bold_image(vols.raw, atlas, tr, xform_code=1), func / f"{stem}_bold.nii.gz")
+    _write_json(
+        func / f"{stem}_bold.json",
+        {
+            "TaskName": task,
+            "RepetitionTime": tr,
+            "EchoTime": 0.03,
+            "FlipAngle": 90,
+            "MagneticFieldStrength": 3,
+            "Manufacturer": "n/a (simulated by samba-bids-demo)",
+            "TaskDescription": description,
+        },
+    )
+    # fMRIPrep-like derivatives
+    fdir = bids_root / "derivatives" / "fmriprep" / rel / "func"
+    prep = f"{stem}_space-{SPACE}_desc-preproc_bold"
+    _save_nifti(_bold_image(vols.preproc, atlas, tr, xform_code=4), fdir / f"{prep}.nii.gz")
+    _write_json(
+        fdir / f"{prep}.json",
+        {
+            "TaskName": task,
+            "RepetitionTime": tr,
+            "SkullStripped": False,
+            "Sources": [f"bids:raw:{rel}/func/{stem}_bold.nii.gz"],
+        },
+    )
+    mask_img = _bold_image(vols.brain_mask.astype(np.uint8), atlas, tr, xform_code=4)
+    _save_nifti(mask_img, fdir / f"{stem}_space-{SPACE}_desc-brain_mask.nii.gz")
+    _write_json(fdir / f"{stem}_space-{SPACE}_desc-brain_mask.json", {"Type": "Brain"})
+    _write_tsv(fdir / f"{stem}_desc-confounds_timeseries.tsv", confounds)
+    _write_json(fdir / f"{stem}_desc-confounds_timeseries.json", confounds_meta)
+    return fdir, prep
 
 
 def simulate_subject(
@@ -308,66 +422,30 @@ def simulate_subject(
         _rng(seed, index, "sensor"), brain, head, sfreq, LINE_FREQ, bad_kind
     )
     eeg = brain
+    ecg = r_peaks = None
+    description = None
+    if settings.mr_artifacts:  # the recording as it comes off an MR-compatible amplifier
+        rng_mr = _rng(seed, index, "mr")
+        eeg_mod.add_gradient_artefact(rng_mr, eeg, sfreq, trigger_samples, tr)
+        ecg, r_peaks, _ = eeg_mod.add_cardiac(rng_mr, eeg, sfreq, head.ch_pos)
+        description = ("Simulated eyes-open rest during simultaneous EEG-fMRI (samba-bids demo). "
+                       "The EEG holds the MR gradient and ballistocardiogram artefacts "
+                       f"(uncorrected); channel {ECG_CHANNEL} is the ECG.")
     meas_date = MEAS_DATE + dt.timedelta(days=index - 1)
-    eeg_dir = _write_eeg(bids_root, sub, eeg, head, sfreq, trigger_samples, meas_date)
-    del eeg, brain
+    eeg_dir = _write_eeg(bids_root, sub, eeg, head, sfreq, trigger_samples, meas_date, ecg=ecg,
+                         description=description)
+    del eeg, brain, ecg
     LOGGER.info("sub-%s: EEG %d channels x %d samples (%.1f s) written", sub, len(head.ch_names),
                 n_samples, n_samples / sfreq)
 
     # --- hemodynamics ---------------------------------------------------------------------
     band_power = neural.band_power_at(onsets) * scale**2  # (A·m)^2
-    z_env = neural.log_power / LOG_POWER_SD
-    drive = np.einsum("b,cbt->ct", bold_mod.COUPLING, z_env)
-    rng_hrf = _rng(seed, index, "hrf")
-    hrf = bold_mod.draw_hrf_parameters(rng_hrf, atlas.n_fine)
-    amp = rng_hrf.uniform(0.6, 1.4, atlas.n_fine)  # BOLD amplitude, percent signal change
-    response = bold_mod.hemodynamic_response(drive, hrf, atlas.fine_to_coarse)
-    y = interp_rows(neural.env_times, response, onsets).T  # (n_vol, n_fine)
-    y = (y - y.mean(0)) / y.std(0)
-    bold_clean = y * amp[None, :]
-    bold_clean -= bold_clean.mean(0)
-
-    motion, motion_events = bold_mod.simulate_motion(_rng(seed, index, "motion"), n_vol, nss)
-    vols = bold_mod.synthesize_volumes(
-        _rng(seed, index, "voxels"), atlas, bold_clean, motion, motion_events, nss
-    )
-    confounds, confounds_meta = bold_mod.make_confounds(vols, motion, tr)
-
-    # raw BOLD
-    func = bids_root / f"sub-{sub}" / "func"
+    hemo = simulate_bold(index, settings, atlas, neural, onsets)
+    bold_clean, hrf, amp, motion, motion_events = (
+        hemo[k] for k in ("bold_clean", "hrf", "amp", "motion", "motion_events"))
     stem = f"sub-{sub}_task-{TASK}"
-    _save_nifti(_bold_image(vols.raw, atlas, tr, xform_code=1), func / f"{stem}_bold.nii.gz")
-    _write_json(
-        func / f"{stem}_bold.json",
-        {
-            "TaskName": TASK,
-            "RepetitionTime": tr,
-            "EchoTime": 0.03,
-            "FlipAngle": 90,
-            "MagneticFieldStrength": 3,
-            "Manufacturer": "n/a (simulated by samba-bids-demo)",
-            "TaskDescription": "Simulated eyes-open rest during simultaneous EEG-fMRI.",
-        },
-    )
-    # fMRIPrep-like derivatives
-    fdir = bids_root / "derivatives" / "fmriprep" / f"sub-{sub}" / "func"
-    prep = f"{stem}_space-{SPACE}_desc-preproc_bold"
-    _save_nifti(_bold_image(vols.preproc, atlas, tr, xform_code=4), fdir / f"{prep}.nii.gz")
-    _write_json(
-        fdir / f"{prep}.json",
-        {
-            "TaskName": TASK,
-            "RepetitionTime": tr,
-            "SkullStripped": False,
-            "Sources": [f"bids:raw:sub-{sub}/func/{stem}_bold.nii.gz"],
-        },
-    )
-    mask_img = _bold_image(vols.brain_mask.astype(np.uint8), atlas, tr, xform_code=4)
-    _save_nifti(mask_img, fdir / f"{stem}_space-{SPACE}_desc-brain_mask.nii.gz")
-    _write_json(fdir / f"{stem}_space-{SPACE}_desc-brain_mask.json", {"Type": "Brain"})
-    _write_tsv(fdir / f"{stem}_desc-confounds_timeseries.tsv", confounds)
-    _write_json(fdir / f"{stem}_desc-confounds_timeseries.json", confounds_meta)
-    del vols
+    fdir, prep = write_bold(bids_root, f"sub-{sub}", stem, hemo, atlas, tr, TASK,
+                            "Simulated eyes-open rest during simultaneous EEG-fMRI.")
 
     # scans.tsv: add the BOLD run, acquired offset_s after the EEG started
     scans = bids_root / f"sub-{sub}" / f"sub-{sub}_scans.tsv"
@@ -405,6 +483,7 @@ def simulate_subject(
         dipole_ori=head.dipole_ori,
         dipole_parcel=head.dipole_parcel,
         blink_onsets_s=artefacts.blink_onsets_s,
+        **({} if r_peaks is None else {"r_peak_samples": r_peaks}),
     )
     truth = {
         "subject": sub,
@@ -425,6 +504,9 @@ def simulate_subject(
         "band_names": list(BAND_NAMES),
         "coupling": dict(zip(BAND_NAMES, map(float, bold_mod.COUPLING))),
         "motion_events": motion_events,
+        "mr_artifacts": bool(settings.mr_artifacts),
+        **({"ecg_channel": ECG_CHANNEL, "gradient_slices_per_volume": eeg_mod.SLICES_PER_VOLUME}
+           if settings.mr_artifacts else {}),
         "source_scale_am": scale,
         "units": {
             "neural": "A·m",
@@ -449,11 +531,18 @@ def simulate_subject(
 # --- dataset-level files ---------------------------------------------------------------------
 
 
+def _dataset_name(settings: DemoSettings) -> str:
+    if settings.non_simultaneous:
+        return (f"samba-bids demo: simulated {'MEG' if settings.meg else 'EEG'} and fMRI in "
+                "separate sessions watching one movie")
+    return "samba-bids demo: simulated simultaneous EEG-fMRI at rest"
+
+
 def _write_raw_description(root: Path, settings: DemoSettings) -> None:
     _write_json(
         root / "dataset_description.json",
         {
-            "Name": "samba-bids demo: simulated simultaneous EEG-fMRI at rest",
+            "Name": _dataset_name(settings),
             "BIDSVersion": BIDS_VERSION,
             "DatasetType": "raw",
             "License": "CC0",
@@ -489,6 +578,32 @@ any person and must not be used for research.
 
 The ground truth (sources, band power, noise-free BOLD, HRFs, bad channels) is kept outside the
 BIDS folder, in `{truth_dir.name}/`.
+"""
+    if settings.mr_artifacts:
+        readme = readme.replace(
+            "but is given as after MR artefact correction.",
+            "and the uncorrected MR gradient and ballistocardiogram artefacts (channel "
+            f"{ECG_CHANNEL} is the ECG).")
+    if settings.non_simultaneous:
+        from samba_pipeline.simulate.stimulus import FMRI_SESSION, STIM_EVENT, STIM_TASK
+
+        kind = "MEG" if settings.meg else "EEG"
+        readme = f"""# samba-bids demo dataset (non-simultaneous)
+
+Simulated {kind} and fMRI recorded in separate sessions ("{STIM_TASK}" task) while each subject
+watched the same movie, written by `samba-bids-demo` {__version__} (seed {settings.seed}).
+Synthetic data for testing samba-bids; no data from any person; not for research.
+
+- {kind} in `ses-{kind.lower()}`, fMRI (TR {settings.tr:g} s, {settings.n_volumes} volumes) in
+  `ses-{FMRI_SESSION}`. The movie has segments with their own `stim_file` (see `stimuli/`); the
+  onset of each is an event `{STIM_EVENT}` in the events.tsv of both sessions. Part of the
+  neural activity follows the movie, so the sessions are aligned by these events
+  (`samba-bids ... --pairing same-subject`). There are no scanner triggers in the {kind}.
+- `derivatives/fmriprep` holds fMRIPrep-like outputs; `derivatives/atlases` the DemoNested
+  atlas pair (coarse for {kind}, fine for fMRI).
+
+The ground truth (true offsets between the sessions, sources, noise-free BOLD) is kept outside
+the BIDS folder, in `{truth_dir.name}/`.
 """
     (root / "README").write_text(readme, encoding="utf-8")
     (root / "CHANGES").write_text(
@@ -554,6 +669,9 @@ def generate_demo_dataset(
     truth_dir=None,
     overwrite: bool = False,
     non_steady_state_volumes: int = NON_STEADY_STATE_VOLUMES,
+    mr_artifacts: bool = False,
+    non_simultaneous: bool = False,
+    meg: bool = False,
 ) -> tuple[Path, Path]:
     """Write the demo dataset to ``outdir`` and its ground truth beside it.
 
@@ -567,6 +685,7 @@ def generate_demo_dataset(
         resolution_mm=float(resolution_mm), eeg_channels=int(eeg_channels),
         eeg_sfreq=float(eeg_sfreq), tr=float(tr), coarse_parcels=int(coarse_parcels),
         fine_parcels=int(fine_parcels), non_steady_state_volumes=int(non_steady_state_volumes),
+        mr_artifacts=bool(mr_artifacts), non_simultaneous=bool(non_simultaneous), meg=bool(meg),
     )
     settings.check()
     ch_names = eeg_mod.choose_channels(settings.eeg_channels)
@@ -603,11 +722,30 @@ def generate_demo_dataset(
     atlas = build_demo_atlas(settings.resolution_mm, settings.coarse_parcels,
                              settings.fine_parcels, settings.seed)
     apaths = write_atlas_derivative(bids_root, atlas)
-    head = eeg_mod.build_head_model(atlas, ch_names, _rng(settings.seed, 0, "head"))
+    if settings.meg:
+        from samba_pipeline.simulate import meg as meg_mod
+
+        head = meg_mod.build_meg_head_model(atlas, _rng(settings.seed, 0, "head"))
+    else:
+        head = eeg_mod.build_head_model(atlas, ch_names, _rng(settings.seed, 0, "head"))
 
     subjects_truth = []
-    for i in range(1, settings.subjects + 1):
-        subjects_truth.append(simulate_subject(i, settings, atlas, head, bids_root, truth))
+    task = TASK
+    if settings.non_simultaneous:
+        from samba_pipeline.simulate import stimulus as stim_mod
+
+        networks = list(atlas.coarse_table["network"])
+        stim = stim_mod.make_stimulus(
+            _rng(settings.seed, 0, "stimulus"), networks,
+            settings.n_volumes * settings.tr - stim_mod.STIMULUS_MARGIN_S)
+        stim_mod.write_stimuli(bids_root, stim)
+        task = stim_mod.STIM_TASK
+        for i in range(1, settings.subjects + 1):
+            subjects_truth.append(stim_mod.simulate_subject_non_simultaneous(
+                i, settings, atlas, head, bids_root, truth, stim))
+    else:
+        for i in range(1, settings.subjects + 1):
+            subjects_truth.append(simulate_subject(i, settings, atlas, head, bids_root, truth))
     _write_dataset_files(bids_root, settings, truth)
 
     _write_json(
@@ -619,11 +757,11 @@ def generate_demo_dataset(
             "complete": True,
             "n_volumes": settings.n_volumes,
             "bids_root": bids_root.name,
-            "task": TASK,
+            "task": task,
             "space": SPACE,
             "line_freq": LINE_FREQ,
             "trigger": TRIGGER,
-            "eeg_channels": ch_names,
+            "eeg_channels": list(head.ch_names),
             "eeg_reference": eeg_mod.REFERENCE,
             "bands": {n: list(map(float, b)) for n, b in zip(BAND_NAMES, BANDS)},
             "coupling": dict(zip(BAND_NAMES, map(float, bold_mod.COUPLING))),

@@ -153,8 +153,18 @@ def simulate_neural(
     networks: list[str],
     n_samples: int,
     sfreq: float,
+    *,
+    stimulus=None,
+    with_sources: bool = True,
 ) -> NeuralSimulation:
-    """Simulate the coarse-parcel sources (see module doc); ``networks`` names each parcel's network."""
+    """Simulate the coarse-parcel sources (see module doc); ``networks`` names each parcel's network.
+
+    ``stimulus`` = ``(Stimulus, start_s)`` (:mod:`samba_pipeline.simulate.stimulus`): while the
+    stimulus plays (from ``start_s`` on this clock), a share ``Stimulus.share`` of the log
+    band-power variance follows the stimulus (the same in every session and subject that
+    watches it) and the rest stays this recording's own. ``with_sources=False`` skips the
+    source time courses (``sources`` is None): enough for a session that only drives BOLD.
+    """
     n_coarse = len(networks)
     n_bands = len(BANDS)
     net_names = sorted(set(networks))
@@ -171,6 +181,14 @@ def simulate_neural(
     log_power = LOG_POWER_SD * (
         np.sqrt(NETWORK_SHARE) * shared[net_index] + np.sqrt(1.0 - NETWORK_SHARE) * own
     )
+    if stimulus is not None:
+        stim, start = stimulus
+        stim_t = env_times - float(start)
+        playing = (stim_t >= 0.0) & (stim_t < stim.total_s)
+        locked = LOG_POWER_SD * interp_rows(stim.times, stim.log_power_z,
+                                            np.clip(stim_t, 0.0, stim.times[-1]))
+        mixed = np.sqrt(stim.share) * locked + np.sqrt(1.0 - stim.share) * log_power
+        log_power = np.where(playing[None, None, :], mixed, log_power)
 
     # mean band power relative to the background's in-band power
     freqs = np.fft.rfftfreq(n_samples, 1.0 / sfreq)
@@ -182,6 +200,9 @@ def simulate_neural(
         gains = np.array([BAND_SNR_NETWORK_GAIN[name].get(n, 1.0) for n in networks])
         base_power[:, b] = BAND_SNR[b] * frac * gains
 
+    if not with_sources:
+        return NeuralSimulation(sources=None, sfreq=float(sfreq), env_times=env_times,
+                                log_power=log_power, base_power=base_power)
     t = np.arange(n_samples) / sfreq
     sources = pink_noise(rng, n_coarse, n_samples, sfreq)
     for b, band in enumerate(BANDS):

@@ -27,15 +27,15 @@ def withhold_fmri(bids_root, truth_dir, subjects: Iterable[str]) -> list[Path]:
         if not (bids_root / f"sub-{label}").is_dir():
             raise SambaUsageError(f"no subject sub-{label} in the demo dataset", path=bids_root)
         keep = truth_dir / f"sub-{label}" / "withheld"
-        for folder in (bids_root / f"sub-{label}" / "func",
+        sub_dir = bids_root / f"sub-{label}"
+        for folder in (sub_dir / "func", *sorted(sub_dir.glob("ses-*/func")),
                        bids_root / "derivatives" / "fmriprep" / f"sub-{label}"):
             if folder.is_dir():
                 dest = keep / folder.relative_to(bids_root)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(folder), str(dest))
                 moved.append(dest)
-        scans = bids_root / f"sub-{label}" / f"sub-{label}_scans.tsv"
-        if scans.is_file():
+        for scans in sorted(sub_dir.glob("**/sub-*_scans.tsv")):
             table = pd.read_csv(scans, sep="\t", dtype=str)
             table = table[~table["filename"].str.startswith("func/")]
             table.to_csv(scans, sep="\t", index=False)
