@@ -35,6 +35,7 @@ from scipy.stats import rankdata
 
 from samba_pipeline.bids.derivatives import write_json, write_tsv
 from samba_pipeline.models.base import Batch
+from samba_pipeline.training.targets import ephys_envelope, standardize_np
 
 DEFAULT_LENGTHS = {"minute": 60.0, "second": 15.0}
 BASELINES = ("mean", "persistence")
@@ -234,6 +235,55 @@ def evaluate_baselines(dataset, *, lengths: dict[str, float] | None = None) -> d
     """Summary metrics of every baseline on ``dataset``."""
     return {kind: evaluate_predictions(baseline_predictions(dataset, kind), dataset, lengths=lengths)[0]
             for kind in BASELINES}
+
+
+# ---------------------------------------------------------------------------------------------
+# Envelope metrics (fMRI -> EEG/MEG)
+# ---------------------------------------------------------------------------------------------
+_ENVELOPE_KEYS = ("spearman_", "pearson_", "rmse")
+
+
+def envelope_scores(pred, target, mask=None, *, sfreq: float, band, pred_is_envelope: bool = False,
+                    lengths: dict[str, float] | None = None, node_names: Sequence[str] | None = None
+                    ) -> tuple[dict[str, Any], pd.DataFrame]:
+    """:func:`score` of band-limited amplitude envelopes (``[W, N, T]`` EEG/MEG windows).
+
+    The hemodynamic signal carries the power of the oscillations, not their phase, so an fMRI ->
+    EEG/MEG prediction is also judged on envelopes: the envelope of every target window in
+    ``band`` (Hz; :func:`samba_pipeline.training.targets.ephys_envelope`, scipy ``filtfilt`` +
+    ``hilbert``) against that of the prediction, or against the prediction itself when it already
+    is an envelope (``pred_is_envelope``, e.g. a SAMBA model with ``target = "envelope"``). Both
+    envelopes are z-scored per window and node first (correlations are unchanged; the RMSE is then
+    in standard deviations). Returns the :func:`score` outputs with ``envelope_`` prefixed to the
+    correlation and RMSE keys / columns, plus ``envelope_band_hz``.
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    if pred.shape != target.shape or pred.ndim != 3:
+        raise ValueError(f"pred and target must be [windows, nodes, time] of one shape, got "
+                         f"{pred.shape} and {target.shape}")
+    env_t = standardize_np(ephys_envelope(target, sfreq, band))
+    env_p = standardize_np(pred if pred_is_envelope else ephys_envelope(pred, sfreq, band))
+    summary, per_node = score(env_p, env_t, mask, target_sfreq=sfreq, lengths=lengths, node_names=node_names)
+    summary = {(f"envelope_{k}" if k.startswith(_ENVELOPE_KEYS) else k): v for k, v in summary.items()}
+    summary["envelope_band_hz"] = [float(b) for b in band]
+    per_node = per_node.rename(columns={c: f"envelope_{c}" for c in per_node.columns
+                                        if str(c).startswith(_ENVELOPE_KEYS)})
+    return summary, per_node
+
+
+def evaluate_envelopes(pred: np.ndarray, dataset, *, band, pred_is_envelope: bool = False,
+                       lengths: dict[str, float] | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+    """:func:`envelope_scores` of predictions for the windows of an fMRI -> EEG/MEG
+    :class:`WindowDataset` (its targets are the z-scored EEG/MEG windows)."""
+    if dataset.direction != "fmri2ephys":
+        raise ValueError("envelope metrics apply to EEG/MEG targets (direction fmri2ephys)")
+    target, mask = dataset.targets()
+    summary, per_node = envelope_scores(pred, target, mask, sfreq=dataset.target_sfreq, band=band,
+                                        pred_is_envelope=pred_is_envelope, lengths=lengths,
+                                        node_names=dataset.target_names)
+    summary.update({"part": dataset.part, "window_s": float(dataset.window_s)})
+    return summary, per_node
 
 
 # ---------------------------------------------------------------------------------------------
