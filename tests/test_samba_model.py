@@ -113,9 +113,10 @@ def test_fft_convolution_is_causal():
     assert torch.all(out[0, :60].abs() < 1e-12) and torch.all(out[0, 60:90] > 0)
 
 
+@pytest.mark.parametrize("rows", [1, 3])  # one row: a single-parcel HRF
 @pytest.mark.parametrize("K,n", [(5, 12), (5, 13), (7, 7), (1, 4)])
-def test_kernel_rfft_gradient(K, n):
-    k = torch.randn(3, K, dtype=torch.float64, requires_grad=True)
+def test_kernel_rfft_gradient(K, n, rows):
+    k = torch.randn(rows, K, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: torch.view_as_real(kernel_rfft(v, n)), (k,))
     torch.testing.assert_close(kernel_rfft(k, n), torch.fft.rfft(k, n=n))
 

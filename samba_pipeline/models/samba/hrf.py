@@ -75,9 +75,11 @@ class _KernelRFFT(torch.autograd.Function):
         g = grad.clone()
         last = g.shape[-1] - 1 if n % 2 == 0 else g.shape[-1]
         g[..., 1:last] *= 0.5
-        g[..., 0] = g[..., 0].real  # irfft ignores the imaginary parts of these bins anyway
+        # irfft ignores the imaginary parts of these bins anyway (the right-hand sides are
+        # copies: with one kernel row the real view would overlap the slice being written)
+        g[..., 0] = g[..., 0].real.clone()
         if n % 2 == 0:
-            g[..., -1] = g[..., -1].real
+            g[..., -1] = g[..., -1].real.clone()
         out = torch.fft.irfft(g, n=n) * n
         return out[..., : ctx.length], None
 
