@@ -303,3 +303,36 @@ def test_make_datasets_for_mixed_split_normalises_with_training_windows_only():
     model = PoolLinear.build({}, make_dims(runs, window_s=20.0))
     batch = collate_windows([ds["test"][0], ds["test"][1]])
     assert model(batch).shape == batch.target.shape
+
+
+def test_fmri_to_ephys_in_the_pipeline_and_on_an_fmri_only_subject(trained, tmp_path):
+    """--direction fmri2ephys trains the reverse model (with band-envelope metrics) and its model
+    file predicts the EEG of a subject that has only fMRI."""
+    import shutil
+
+    out, bids = tmp_path / "out", tmp_path / "bids"
+    shutil.copytree(trained["out"], out, ignore=shutil.ignore_patterns("group"))
+    common = ["-w", tmp_path / "work", "--config-file", trained["truth"] / "samba-bids-demo.toml",
+              "--skip-bids-validation", "--nprocs", "2"]
+    proc = _cli(trained["bids"], out, "group", *common, "--direction", "fmri2ephys", "--epochs", "2",
+                "--train-window", "30")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stem = "model-samba_direction-fmri2ephys"
+    metrics = read_tsv(out / "group" / f"{stem}_metrics.tsv")
+    model_rows = metrics[metrics.predictor == "samba"]
+    assert np.isfinite(model_rows["envelope_spearman_second"]).all()
+    assert np.isfinite(model_rows["spearman_second"]).all()
+    pred = read_tsv(out / "sub-01" / "eeg" / "sub-01_task-rest_desc-samba_stat-mean_predicted.tsv.gz")
+    card = json.loads((out / "group" / f"{stem}_model.json").read_text())
+    assert list(pred.columns) == card["Dims"]["target_names"]  # EEG channels
+    assert abs(len(pred) / card["Dims"]["target_sfreq"] - 240.0) < 1.0  # 4 minutes of EEG
+
+    # An fMRI-only subject: sub-02 without its EEG.
+    shutil.copytree(trained["bids"], bids)
+    shutil.rmtree(bids / "sub-02" / "eeg")
+    proc = _cli(bids, out, "participant", *common, "--participant-label", "02", "--model-file",
+                out / "group" / f"{stem}_model.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((out / "sub-02" / "eeg" / "sub-02_task-rest_desc-samba_stat-mean_predicted.json")
+                      .read_text())
+    assert meta["Direction"] == "fmri2ephys" and meta["Alignment"] == "first volume of the BOLD series"

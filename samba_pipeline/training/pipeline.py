@@ -58,7 +58,16 @@ from samba_pipeline.models.base import TranslationModel
 from samba_pipeline.models.registry import get_model_class
 from samba_pipeline.training.data import RunData, WindowDataset, load_runs, make_dims
 from samba_pipeline.training.inference import predict_run
-from samba_pipeline.training.metrics import DEFAULT_LENGTHS, evaluate, evaluate_baselines, score
+from samba_pipeline.training.metrics import (
+    BASELINES,
+    DEFAULT_LENGTHS,
+    baseline_predictions,
+    envelope_scores,
+    evaluate_envelopes,
+    evaluate_predictions,
+    predict,
+    score,
+)
 from samba_pipeline.training.modelfiles import load_model, read_model_card, save_model
 from samba_pipeline.training.splits import (
     DEFAULT_GAP_S,
@@ -73,7 +82,10 @@ from samba_pipeline.training.trainer import TrainSettings, seed_everything, trai
 LOGGER = logging.getLogger("samba_pipeline.training")
 
 #: Metric columns of the summary tables.
-METRIC_COLUMNS = ("spearman_minute", "spearman_second", "pearson_minute", "pearson_second", "rmse")
+METRIC_COLUMNS = ("spearman_minute", "spearman_second", "pearson_minute", "pearson_second", "rmse",
+                  "envelope_spearman_minute", "envelope_spearman_second")
+#: Band (Hz) of the envelope metrics of fMRI -> EEG/MEG predictions when the model has none.
+DEFAULT_ENVELOPE_BAND = (8.0, 12.0)
 _SET_DESC = {"withheld_windows": "withheldWindows", "withheld_subjects": "withheldSubjects"}
 _PACKAGES = ("samba-bids", "torch", "numpy", "scipy", "mne", "nipype", "nilearn", "pandas", "safetensors")
 
@@ -263,8 +275,8 @@ def train_group_model(output_dir, stage_dir, *, model: str = "samba", direction:
         if len(ds) == 0:
             LOGGER.warning("no %g s window fits in the %s", ms.train_window, set_name.replace("_", " "))
             continue
-        summary, nodes = evaluate(net, ds, device=device)
-        summaries[set_name] = {"model": summary, "baselines": evaluate_baselines(ds)}
+        summary, nodes, baselines = evaluate_with_baselines(net, ds, device=device)
+        summaries[set_name] = {"model": summary, "baselines": baselines}
         per_node[set_name] = nodes
         rows.append(_metrics_row(model, set_name, summary))
         rows.extend(_metrics_row(f"baseline:{k}", set_name, v)
@@ -328,13 +340,41 @@ def train_group_model(output_dir, stage_dir, *, model: str = "samba", direction:
     return written
 
 
+def _envelope_settings(net: TranslationModel) -> tuple[list[float], bool]:
+    band = list(getattr(net, "config", {}).get("envelope_band") or DEFAULT_ENVELOPE_BAND)
+    return band, getattr(net, "output_kind", "raw") == "envelope"
+
+
+def evaluate_with_baselines(net: TranslationModel, ds, *, device="cpu"
+                            ) -> tuple[dict[str, Any], pd.DataFrame, dict[str, dict[str, Any]]]:
+    """Model and trivial-baseline metrics on one withheld set.
+
+    fMRI -> EEG/MEG adds the band-envelope metrics (``envelope_*``), since the hemodynamic signal
+    carries the power of the oscillations, not their phase; a model predicting envelopes
+    (SAMBA ``target = "envelope"``) is judged on those only (its raw-sample metrics are NaN).
+    """
+    pred = predict(net, ds, device=device)
+    summary, nodes = evaluate_predictions(pred, ds)
+    baselines = {k: evaluate_predictions(baseline_predictions(ds, k), ds)[0] for k in BASELINES}
+    if ds.direction == "fmri2ephys":
+        band, is_envelope = _envelope_settings(net)
+        env, env_nodes = evaluate_envelopes(pred, ds, band=band, pred_is_envelope=is_envelope)
+        if is_envelope:
+            summary.update({k: math.nan for k in METRIC_COLUMNS if not k.startswith("envelope_")})
+            nodes = nodes[["node", "valid_windows"]]
+        summary.update({k: v for k, v in env.items() if k.startswith("envelope_")})
+        nodes = nodes.merge(env_nodes.drop(columns=["valid_windows"], errors="ignore"), on="node")
+        for kind, base in baselines.items():
+            b_env, _ = evaluate_envelopes(baseline_predictions(ds, kind), ds, band=band)
+            base.update({k: v for k, v in b_env.items() if k.startswith("envelope_")})
+    return summary, nodes, baselines
+
+
 def write_interpretation(net: TranslationModel, dataset, folder: Path, stem: str, *,
                          device="cpu") -> dict[str, Path]:
     """One forward pass over ``dataset`` (interpretation reports the last pass), then every table
     of ``net.interpretation()`` as ``<stem>_desc-<name>_interpretation.tsv`` and the arrays in
     ``<stem>_interpretation.json``."""
-    from samba_pipeline.training.metrics import predict
-
     predict(net, dataset, device=device)
     items = net.interpretation()
     written, arrays = {}, {}
@@ -468,6 +508,14 @@ def write_run_prediction(net: TranslationModel, card: dict[str, Any], stage_dir,
         target = target_table.to_numpy(dtype=np.float64).T
         target = _reorder(target, [str(c) for c in target_table.columns], names, "target", target_file)
         summary, per_node = score_run(mean, target, dims.target_sfreq, names)
+        if direction == "fmri2ephys":
+            band, is_envelope = _envelope_settings(net)
+            env, env_nodes = score_run_envelopes(mean, target, dims.target_sfreq, names, band, is_envelope)
+            if is_envelope:
+                summary.update({k: math.nan for k in METRIC_COLUMNS if not k.startswith("envelope_")})
+                per_node = per_node[["node", "valid_windows"]]
+            summary.update(env)
+            per_node = per_node.merge(env_nodes.drop(columns=["valid_windows"], errors="ignore"), on="node")
         met = dict(ents)
         written["metrics"] = write_tsv(derivative_path(stage_dir, **met, suffix="metrics", extension=".tsv"),
                                        per_node)
@@ -492,6 +540,19 @@ def score_run(pred: np.ndarray, target: np.ndarray, sfreq: float, names: Sequenc
     summary, per_node = score(pred[None], tz[None], valid, target_sfreq=sfreq, lengths=DEFAULT_LENGTHS,
                               node_names=names)
     return summary, per_node
+
+
+def score_run_envelopes(pred: np.ndarray, target: np.ndarray, sfreq: float, names: Sequence[str], band,
+                        pred_is_envelope: bool) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Band-envelope metrics of a whole-run EEG/MEG prediction (see :func:`evaluate_with_baselines`)."""
+    n = min(pred.shape[1], target.shape[1])
+    pred, target = pred[:, :n].astype(np.float64), target[:, :n].astype(np.float64)
+    valid = np.isfinite(target).all(axis=1)
+    target = np.where(valid[:, None], target, 0.0)
+    summary, per_node = envelope_scores(pred[None], target[None], valid, sfreq=sfreq, band=band,
+                                        pred_is_envelope=pred_is_envelope, lengths=DEFAULT_LENGTHS,
+                                        node_names=names)
+    return {k: v for k, v in summary.items() if k.startswith("envelope_")}, per_node
 
 
 def paint_parcels(values: np.ndarray, names: Sequence[str], atlas_image, atlas_table, out_path,
