@@ -336,3 +336,19 @@ def test_fmri_to_ephys_in_the_pipeline_and_on_an_fmri_only_subject(trained, tmp_
     meta = json.loads((out / "sub-02" / "eeg" / "sub-02_task-rest_desc-samba_stat-mean_predicted.json")
                       .read_text())
     assert meta["Direction"] == "fmri2ephys" and meta["Alignment"] == "first volume of the BOLD series"
+
+
+def test_training_and_inference_are_gpu_nodes_when_on_cuda(trained, tmp_path):
+    """Nipype's MultiProc schedules nodes whose ``use_gpu`` is set within ``n_gpu_procs``."""
+    from samba_pipeline.cli.parser import parse_args
+    from samba_pipeline.workflows.group import init_group_wf
+
+    settings = parse_args([str(trained["bids"]), str(tmp_path / "o"), "group", "-w", str(tmp_path / "w"),
+                           "--direction", "both", "--n-gpu-procs", "1"])
+    for use_gpu in (False, True):
+        wf = init_group_wf(settings, inputs_digest="x", use_gpu=use_gpu)
+        names = [n for n in wf.list_node_names() if n.startswith(("train_", "apply_"))]
+        assert sorted(names) == ["apply_samba_ephys2fmri", "apply_samba_fmri2ephys",
+                                 "train_samba_ephys2fmri", "train_samba_fmri2ephys"]
+        assert all(wf.get_node(n).is_gpu_node() == use_gpu for n in names)
+        assert not wf.get_node("group_summary").is_gpu_node()
