@@ -11,7 +11,7 @@ DEMO   ?= demo
 # Group-level training of the demo: 3 subjects x 5 min (sub-04 is EEG-only and gets a prediction).
 DEMO_TRAIN ?= --epochs 60 --learning-rate 0.003 --mc-dropout 10
 
-.PHONY: install demo test benchmark clean-demo lint slurm-deps docker apptainer
+.PHONY: install demo test benchmark clean-demo lint slurm-deps report-deps docker apptainer
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,11 @@ clean-demo:
 slurm-deps:
 	apt-get update
 	apt-get install -y --no-install-recommends slurm-wlm munge
+
+# Headless Chromium for tests/test_reports.py (skipped without it).
+report-deps:
+	apt-get update
+	apt-get install -y --no-install-recommends chromium
 
 # Container images (README.md, section "Running on a cluster").
 IMAGE_VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' samba_pipeline/__about__.py)

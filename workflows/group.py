@@ -4,6 +4,8 @@
     train_<model>_<direction>  -> publish_train_<...>      model files, metrics, interpretation
                                -> apply_<model>_<direction> -> publish_apply_<...>
                                                             predictions for every subject's runs
+    benchmark -> publish_benchmark      (--benchmark) every entry on one split: Table-I-style
+                                        group/desc-benchmark_metrics.{tsv,md,svg}
 
 Training and inference are GPU nodes (``use_gpu``) when they run on CUDA: MultiProc runs at most
 ``--n-gpu-procs`` of them at once, beside the CPU nodes.
@@ -17,7 +19,7 @@ from nipype.pipeline import engine as pe
 
 from samba_pipeline.config import Settings
 from samba_pipeline.interfaces.group import GroupSummary
-from samba_pipeline.interfaces.models import ApplyModel, PublishStage, TrainModel
+from samba_pipeline.interfaces.models import ApplyModel, Benchmark, PublishStage, TrainModel
 from samba_pipeline.workflows.participant import workflow_name
 
 
@@ -53,6 +55,19 @@ def init_group_wf(settings: Settings, *, inputs_digest: str, use_gpu: bool = Fal
                 (train, apply, [("model_prefix", "model_prefix")]),
                 (apply, publish_apply, [("stage_dir", "stage_dir")]),
             ])  # fmt:skip
+    if ms.benchmark:  # every model, ablation, null and reference on one split
+        bench = pe.Node(
+            Benchmark(output_dir=out, bids_dir=str(settings.execution.bids_dir or ""),
+                      entries=list(ms.benchmark),
+                      directions=ms.directions(), settings=model_settings, seed=settings.seeds.torch,
+                      fmri_atlas=fmri_atlas, inputs_digest=inputs_digest, use_gpu=use_gpu),
+            name="benchmark", n_procs=threads, mem_gb=train_mem_gb)
+        publish_bench = pe.Node(PublishStage(output_dir=out), name="publish_benchmark",
+                                run_without_submitting=True)
+        wf.connect([(bench, publish_bench, [("stage_dir", "stage_dir")])])
+    from samba_pipeline.workflows.reports import add_group_reports
+
+    add_group_reports(wf, settings)  # subject reports with their predictions, OUT/group.html
     return wf
 
 

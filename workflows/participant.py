@@ -61,6 +61,7 @@ def init_single_subject_wf(settings, subject, pairs, atlases, inputs, card=None)
     from samba_pipeline.workflows import translate
 
     wf = pe.Workflow(name=f"sub_{_node_name(subject)}_wf")
+    runs = []
     for pair in pairs:
         if pair.ephys_file and pair.bold_file:
             run_wf = init_run_wf(settings, pair, atlases, inputs[pair.name])
@@ -68,8 +69,12 @@ def init_single_subject_wf(settings, subject, pairs, atlases, inputs, card=None)
             if card is not None:
                 translate.add_paired_prediction(wf, run_wf, settings, pair, atlases, card)
         else:
-            wf.add_nodes([translate.init_single_modality_wf(settings, pair, atlases, inputs[pair.name],
-                                                            card)])
+            run_wf = translate.init_single_modality_wf(settings, pair, atlases, inputs[pair.name], card)
+            wf.add_nodes([run_wf])
+        runs.append((pair, run_wf))
+    from samba_pipeline.workflows.reports import add_subject_report
+
+    add_subject_report(wf, settings, subject, runs, atlases, inputs)  # OUT/sub-<label>.html, last
     return wf
 
 

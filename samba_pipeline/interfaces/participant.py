@@ -42,6 +42,7 @@ class _PreprocessEphysOutputSpec(TraitedSpec):
     duration = traits.Float(desc="duration of the preprocessed recording (n_samples / sfreq)")
     mr_qc_figure = File(exists=True, desc="before/after figure of the MR artifact correction "
                         "(only when a correction ran)")
+    psd_file = File(exists=True, desc="power spectra before/after preprocessing (npz, for the report)")
 
 
 class PreprocessEphys(SimpleInterface):
@@ -86,6 +87,10 @@ class PreprocessEphys(SimpleInterface):
         excerpt: dict = {}
         clean, report = preprocess_raw(raw, settings, volume_onsets=volumes, qc_excerpt=excerpt)
         report = dict(report)
+        from samba_pipeline.reports.psd import save_psd_summary
+
+        self._results["psd_file"] = save_psd_summary(raw, clean, settings.ch_types,
+                                                     Path(runtime.cwd) / "psd.npz")
         figure = _mr_artifact_figure(report.get("mr_artifacts") or {}, excerpt, runtime.cwd,
                                      self.inputs.ephys_file)
         if figure is not None:
@@ -147,7 +152,8 @@ def _to_source_space(clean, settings, atlas_file, atlas_table, ephys_file):
     return source_parcel_timeseries(
         clean, atlas_file, read_label_table(Path(atlas_table)), method=settings.inverse_method,
         extract=settings.source_extract, noise_cov=settings.noise_cov, snr=settings.inverse_snr,
-        depth=settings.depth, spacing_mm=settings.source_spacing)
+        depth=settings.depth, spacing_mm=settings.source_spacing, head_model=settings.head_model,
+        subjects_dir=settings.subjects_dir, bem_file=settings.bem_file)
 
 
 def _bad_reasons(report: dict) -> dict[str, str]:
@@ -431,6 +437,10 @@ class MakeSidecar(SimpleInterface):
             meta["SamplingFrequency"] = float(self.inputs.sampling_frequency)
         if self.inputs.extra_json:
             extra = json.loads(Path(self.inputs.extra_json).read_text())
+            source_space = extra.get("source_space") if isinstance(extra, dict) else None
+            head_model = source_space.get("HeadModel") if isinstance(source_space, dict) else None
+            if head_model:  # which head model source space used (known only at run time)
+                meta["HeadModel"] = head_model
             if self.inputs.extra_key:
                 meta[self.inputs.extra_key] = extra
             else:
