@@ -194,3 +194,62 @@ def test_changed_configuration_refuses_same_output(participant_run, tmp_path):
                    "--skip-bids-validation", *demo_atlas_args(bids))
     assert proc.returncode == 73
     assert "another configuration" in proc.stderr
+
+
+def test_killed_run_resumes_without_recomputing_and_gives_identical_outputs(participant_run, tmp_path):
+    """kill -9 the participant level once a node has finished; the same command with the same -w
+    reuses the finished nodes and writes byte-identical derivatives to an uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    bids, truth = participant_run["bids"], participant_run["truth"]
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = [sys.executable, "-m", "samba_pipeline.cli", bids, out, "participant", "-w", work, "--nprocs", "2",
+            "--config-file", truth / "samba-bids-demo.toml"]
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if list(work.rglob("result_parcellate_bold.pklz")):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"no finished parcellate_bold node before the run ended (exit {proc.poll()})")
+        time.sleep(0.5)  # let the node's result file be written completely
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    finished = {p: p.stat().st_mtime_ns for p in work.rglob("result_*.pklz")}
+    assert finished
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # nothing half-written
+    rerun = run_cli(bids, out, "participant", "-w", work, "--nprocs", "2", "--config-file",
+                    truth / "samba-bids-demo.toml")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # finished nodes not recomputed
+
+    def comparable(root: Path, names) -> dict[str, str]:
+        """Checksums, leaving out the run-specific parts: logs, the workflow graph, the report and
+        its figures, and the wall-clock step timings (``timings_s``) in the JSON sidecars."""
+        def strip(obj):
+            if isinstance(obj, dict):
+                return {k: strip(v) for k, v in obj.items() if k != "timings_s"}
+            return [strip(v) for v in obj] if isinstance(obj, list) else obj
+
+        out = {}
+        for name in names:
+            if name.endswith((".dot", ".html", ".svg", ".png")) or "figures" in name:
+                continue
+            data = (root / name).read_bytes()
+            if name.endswith(".json"):
+                data = json.dumps(strip(json.loads(data)), sort_keys=True).encode()
+            out[name] = hashlib.sha256(data).hexdigest()
+        return out
+
+    reference = comparable(participant_run["out"], participant_run["first_outputs"])
+    resumed = comparable(out, checksums(out))
+    assert sorted(resumed) == sorted(reference)
+    assert [k for k in reference if resumed[k] != reference[k]] == []

@@ -352,3 +352,53 @@ def test_training_and_inference_are_gpu_nodes_when_on_cuda(trained, tmp_path):
                                  "train_samba_ephys2fmri", "train_samba_fmri2ephys"]
         assert all(wf.get_node(n).is_gpu_node() == use_gpu for n in names)
         assert not wf.get_node("group_summary").is_gpu_node()
+
+
+def test_killed_and_resumed_training_equals_an_uninterrupted_one(trained, tmp_path):
+    """CPU, seeded: kill -9 mid-training and resume gives the same weights, history and metrics as a
+    run that was never interrupted (the checkpoint holds the model, optimiser and every RNG state)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    epochs = 8
+    runs = {}
+    for name in ("uninterrupted", "resumed"):
+        out, work = tmp_path / name / "out", tmp_path / name / "work"
+        shutil.copytree(trained["out"], out, ignore=shutil.ignore_patterns("group"))
+        common = ["-w", work, "--config-file", trained["truth"] / "samba-bids-demo.toml",
+                  "--skip-bids-validation", "--nprocs", "1", "--epochs", str(epochs), "--patience", "0",
+                  "--train-window", "30", "--device", "cpu"]
+        if name == "resumed":
+            args = [sys.executable, "-m", "samba_pipeline.cli", trained["bids"], out, "group", *common]
+            ckpt = work / "checkpoints" / "samba_ephys2fmri.pt"
+            proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, start_new_session=True)
+            try:
+                deadline = time.time() + 600
+                while time.time() < deadline and proc.poll() is None:
+                    if ckpt.is_file() and 2 <= load_checkpoint(ckpt)["epoch"] < epochs:
+                        break
+                    time.sleep(0.1)
+                else:
+                    pytest.fail(f"no mid-training checkpoint (exit {proc.poll()})")
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            assert not (out / "group").exists() or not list((out / "group").glob("*_model.*"))
+        done = _cli(trained["bids"], out, "group", *common)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = out / "group"
+    card = json.loads((runs["resumed"] / f"{STEM}_model.json").read_text())
+    assert card["Metadata"]["Training"]["resumed_from_epoch"] >= 2
+    a = load_file(str(runs["uninterrupted"] / f"{STEM}_model.safetensors"))
+    b = load_file(str(runs["resumed"] / f"{STEM}_model.safetensors"))
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    for table in ("metrics", "history", "desc-withheldWindows_metrics", "desc-withheldSubjects_metrics"):
+        x = read_tsv(runs["uninterrupted"] / f"{STEM}_{table}.tsv")
+        y = read_tsv(runs["resumed"] / f"{STEM}_{table}.tsv")
+        keep = [c for c in x.columns if c not in ("seconds", "time_s", "elapsed_s")]  # wall-clock times
+        pd.testing.assert_frame_equal(x[keep], y[keep])

@@ -102,12 +102,7 @@ def build_layout(settings: Settings):
     from bids import BIDSLayout, BIDSLayoutIndexer
 
     bids_dir = settings.bids_dir
-    try:
-        json.loads((bids_dir / "dataset_description.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SambaValidationError(
-            f"dataset_description.json is not valid JSON ({exc})", path=bids_dir / "dataset_description.json"
-        ) from None
+    check_dataset_description(bids_dir)
     indexer = BIDSLayoutIndexer(validate=False, ignore=_ignore_patterns(settings))
     kwargs = {}
     if settings.execution.bids_database_dir:
@@ -132,6 +127,58 @@ def build_layout(settings: Settings):
             raise SambaInputError(f"pybids cannot index the fMRIPrep derivatives: {exc}",
                                   path=fmriprep) from None
     return layout
+
+
+def check_dataset_description(bids_dir: Path) -> dict:
+    """``dataset_description.json`` must exist and be a JSON object with Name and BIDSVersion."""
+    path = Path(bids_dir) / "dataset_description.json"
+    if not path.is_file():
+        raise SambaValidationError("dataset_description.json is missing (required by BIDS)", path=path)
+    try:
+        desc = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise SambaValidationError(f"dataset_description.json is not UTF-8 text ({exc.reason} at byte "
+                                   f"{exc.start})", path=path) from None
+    except OSError as exc:
+        raise SambaValidationError(f"cannot read dataset_description.json: {exc.strerror}",
+                                   path=path) from None
+    except json.JSONDecodeError as exc:
+        raise SambaValidationError(f"dataset_description.json is not valid JSON ({exc})", path=path) from None
+    if not isinstance(desc, dict):
+        raise SambaValidationError("dataset_description.json must hold a JSON object", path=path)
+    missing = [key for key in ("Name", "BIDSVersion") if not desc.get(key)]
+    if missing:
+        raise SambaValidationError(
+            f"dataset_description.json lacks the REQUIRED field(s) {', '.join(missing)}", path=path)
+    return desc
+
+
+def check_participants_table(bids_dir: Path, on_disk: list[str]) -> None:
+    """Warn (as the BIDS validator does) when participants.tsv and the sub-* folders disagree."""
+    path = Path(bids_dir) / "participants.tsv"
+    if not path.is_file():
+        return
+    try:
+        import pandas as pd
+
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, encoding="utf-8")
+        listed = sorted(str(v)[4:] if str(v).startswith("sub-") else str(v)
+                        for v in table["participant_id"])
+    except UnicodeDecodeError as exc:
+        LOGGER.warning("%s: not UTF-8 text (%s at byte %d); participants not cross-checked", path,
+                       exc.reason, exc.start)
+        return
+    except Exception as exc:  # pandas' parser errors have many types; the table is optional
+        LOGGER.warning("%s: cannot read it (%s); participants not cross-checked", path, exc)
+        return
+    only_table = sorted(set(listed) - set(on_disk))
+    only_disk = sorted(set(on_disk) - set(listed))
+    if only_table:
+        LOGGER.warning("%s lists participant(s) without a sub-* folder: %s", path,
+                       ", ".join(f"sub-{s}" for s in only_table))
+    if only_disk:
+        LOGGER.warning("%s does not list the participant folder(s) %s", path,
+                       ", ".join(f"sub-{s}" for s in only_disk))
 
 
 def _filters(settings: Settings, query: str) -> dict:
@@ -173,7 +220,7 @@ def collect_pairs(settings: Settings, layout=None, unpaired: str | None = None) 
     runs without EEG/MEG) as runs with one side missing: a trained model predicts the other side.
     """
     ex = settings.execution
-    check_participant_labels(settings)
+    check_participants_table(settings.bids_dir, check_participant_labels(settings))
     layout = layout or build_layout(settings)
     subjects = sorted(layout.get_subjects(scope="raw"))
     if ex.participant_label:
@@ -231,8 +278,11 @@ def collect_pairs(settings: Settings, layout=None, unpaired: str | None = None) 
             continue
         if not bolds:
             where = f"in {fmriprep}" if fmriprep else "(no fMRIPrep derivatives given)"
+            spaces = sorted(layout.get(scope="derivatives", subject=subject, datatype="func", suffix="bold",
+                                       desc="preproc", return_type="id", target="space")) if fmriprep else []
+            found = f" (it has space(s) {', '.join(spaces)}: pick one with --fmri-space)" if spaces else ""
             report.skipped.append(
-                f"sub-{subject}: no preprocessed BOLD in space {settings.workflow.fmri_space} {where}"
+                f"sub-{subject}: no preprocessed BOLD in space {settings.workflow.fmri_space} {where}{found}"
             )
             continue
         report.pairs.extend(_pair_subject(subject, ephys_files, bolds, source, layout, report, unpaired))
@@ -254,9 +304,9 @@ def collect_pairs(settings: Settings, layout=None, unpaired: str | None = None) 
                 f"{settings.workflow.fmri_space} space",
                 path=settings.bids_dir,
             )
-        hint = ("\n(EEG/MEG and fMRI from different sessions or subjects? pair them by the stimulus "
+        hint = (" (EEG/MEG and fMRI from different sessions or subjects? pair them by the stimulus "
                 "with --pairing same-subject or same-stimulus)" if pairing == "simultaneous" else "")
-        raise SambaNoMatchError("the filters matched no EEG/MEG-fMRI pair:\n" + "\n".join(report.skipped)
+        raise SambaNoMatchError("the filters matched no EEG/MEG-fMRI pair: " + "; ".join(report.skipped)
                                 + hint)
     return report
 
@@ -277,6 +327,17 @@ def _pair_subject(subject, ephys_files, bolds, source, layout, report, unpaired=
                 path=bold.path,
             )
         bold_by_key[key] = bold
+    ephys_by_key = {}
+    for eph in ephys_files:
+        key = _key(eph.get_entities())
+        if key in ephys_by_key:
+            raise SambaInputError(
+                f"several EEG/MEG recordings match {dict(zip(PAIR_ENTITIES, key))} (duplicate runs: "
+                f"{Path(ephys_by_key[key].path).name}, {Path(eph.path).name}); keep one, give them "
+                "different run labels, or select one with --bids-filter-file",
+                path=eph.path,
+            )
+        ephys_by_key[key] = eph
     pairs = []
     used = set()
     for eph in ephys_files:

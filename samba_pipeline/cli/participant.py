@@ -123,9 +123,46 @@ def inspect_pair(pair: RunPair, layout=None, trigger_names: list[str] | None = N
     }
 
 
+def _space_of(path) -> str | None:
+    """The template a file's name declares (``tpl-X`` or ``space-X``), if any."""
+    match = re.search(r"(?:^|_)(?:tpl|space)-([a-zA-Z0-9]+)", Path(path).name)
+    return match.group(1) if match else None
+
+
+def check_atlas_spaces(atlases: dict[str, Atlas], pairs: list[RunPair]) -> None:
+    """An atlas file whose name declares a template must be in the space of the BOLD series:
+    samba-bids never resamples across templates (only onto the BOLD grid of the same space)."""
+    for pair in pairs:
+        bold_space = _space_of(pair.bold_file) if pair.bold_file else None
+        if bold_space is None:
+            continue
+        for modality, atlas in atlases.items():
+            atlas_space = _space_of(atlas.image)
+            if atlas_space is not None and atlas_space != bold_space:
+                raise SambaInputError(
+                    f"the {'EEG/MEG' if modality == 'ephys' else 'fMRI'} atlas is in template space "
+                    f"{atlas_space} but the BOLD series {Path(pair.bold_file).name} is in {bold_space}; "
+                    f"give an atlas in {bold_space}", path=atlas.image)
+
+
+def check_ephys_files(pair: RunPair) -> None:
+    """A BrainVision header names its data and marker files: they must be there (EEGLAB .set: .fdt)."""
+    if pair.ephys_file is None:
+        return
+    header = Path(pair.ephys_file)
+    if header.suffix == ".vhdr":
+        text = header.read_text(encoding="latin-1")
+        for key in ("DataFile", "MarkerFile"):
+            match = re.search(rf"^{key}=(.+?)\s*$", text, flags=re.MULTILINE)
+            if match and not (header.parent / match.group(1)).is_file():
+                raise SambaMissingInputError(f"the BrainVision header names the {key} {match.group(1)}, "
+                                             "which is missing", path=header)
+
+
 def _ephys_mem_gb(pair: RunPair) -> float:
     if pair.ephys_file is None:
         return 0.0
+    check_ephys_files(pair)
     from samba_pipeline.ephys.preprocess import estimate_ephys_mem_gb
 
     ephys_size = Path(pair.ephys_file).stat().st_size
@@ -210,6 +247,7 @@ def run_participant(settings: Settings) -> None:
                "fmri": resolve_atlas(settings.workflow.fmri_atlas)}
     LOGGER.log(IMPORTANT, "Atlases: EEG/MEG %s; fMRI %s", atlases["ephys"].spec.label(),
                atlases["fmri"].spec.label())
+    check_atlas_spaces(atlases, report.pairs)
     facts = {pair.name: inspect_pair(pair, layout, settings.workflow.volume_trigger,
                                      settings.workflow.stimulus_event,
                                      settings.workflow.stimulus_tolerance)

@@ -216,7 +216,10 @@ def read_bids_events(ephys_file) -> pd.DataFrame | None:
     if not path.is_file() or path == Path(ephys_file):
         return None
     try:
-        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SambaInputError(f"events table is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                              "BIDS text files must be UTF-8", path=path) from None
     except Exception as exc:  # pandas' parser errors have many types
         raise SambaInputError(f"cannot read the events table: {exc}", path=path) from None
     column = next((c for c in ("trial_type", "value", "description") if c in table.columns), None)

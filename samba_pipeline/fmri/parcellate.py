@@ -179,6 +179,20 @@ def parcellate_bold(
     cols = order[np.searchsorted(sorted_ids, expected)]
     signals = _parcel_means(voxel_series, table_pos[labelled_any], keep_voxel[labelled_any], cols)
     del voxel_series
+    # A parcel whose mean signal never changes (e.g. voxels zeroed or masked out upstream) has no
+    # time series to standardise or correlate: n/a, like a parcel below the coverage threshold.
+    scale = np.maximum(np.abs(signals).max(axis=0), np.finfo(np.float32).tiny)
+    flat = np.ptp(signals, axis=0) <= 1e-6 * scale
+    if flat.all():
+        raise SambaInputError("the BOLD signal is constant over time in every parcel of the atlas",
+                              path=bold_path)
+    if flat.any():
+        flat_names = [names[i] for i in cols[flat]]
+        LOGGER.warning("%s: %d parcel(s) have a constant (zero-variance) BOLD signal and get n/a: %s",
+                       bold_path or "BOLD", len(flat_names),
+                       ", ".join(flat_names[:10]) + (" ..." if len(flat_names) > 10 else ""))
+        used[cols[flat]] = False
+        cols, signals = cols[~flat], signals[:, ~flat]
     from nilearn.signal import clean
 
     signals = clean(signals, detrend=bool(detrend), standardize=standardize,
