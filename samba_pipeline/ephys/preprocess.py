@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -107,6 +108,12 @@ class EphysSettings:
     inverse_snr: float = 3.0
     depth: float | None = 0.8
     source_spacing: float = 8.0
+    # head model (samba_pipeline.ephys.headmodel): "auto" = an fsaverage BEM when its files
+    # are there, else the 3-shell sphere; subjects_dir (else $SUBJECTS_DIR) for fsaverage's
+    # 3-layer BEM; bem_file: a BEM solution (fsaverage MRI coordinates) given explicitly
+    head_model: str = "auto"
+    subjects_dir: str | None = None
+    bem_file: str | None = None
     # MR artifacts of simultaneous EEG-fMRI (samba_pipeline.ephys.artifacts): "auto" corrects
     # when the volume- / heartbeat-locked mean explains > 10 % of the variance; False = off
     gradient_correction: bool | str = "auto"
@@ -197,6 +204,15 @@ class EphysSettings:
             if not 0.0 <= self.depth <= 1.0:
                 raise SambaUsageError(f"depth={self.depth} must lie in [0, 1] (or null)")
         self.source_spacing = _positive_float("source_spacing", self.source_spacing)
+        from samba_pipeline.ephys.headmodel import HEAD_MODELS
+
+        if self.head_model not in HEAD_MODELS:
+            raise SambaUsageError(f"head_model={self.head_model!r}; choose from {list(HEAD_MODELS)}")
+        for name in ("subjects_dir", "bem_file"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
+                raise SambaUsageError(f"{name}={value!r} must be a path (or null)")
+            setattr(self, name, None if value is None else str(value))
         for name in ("gradient_correction", "bcg_correction"):
             if getattr(self, name) not in (True, False, "auto"):
                 raise SambaUsageError(f"{name}={getattr(self, name)!r}; use true, false or 'auto'")

@@ -14,12 +14,18 @@ What :func:`source_parcel_timeseries` does, and why
    maps the template's electrodes onto the recording's, matched by name, so the sources follow
    the subject's head size and placement; its residual is reported. Without positions, the
    template positions are used directly. MEG head coordinates are defined by the subject's own
-   fiducials, which is what the template transform assumes, so MEG uses it as is.
-3. **Head model**: a 3-shell sphere (brain 0.87, skull 0.92, scalp 1.0 of the radius;
-   conductivities 0.33 / 0.0042 / 0.33 S/m, the classic 1:80 skull ratio) fitted to the head
-   digitisation / electrodes (``mne.make_sphere_model``). Source points are pulled towards the
-   centre (one isotropic factor) only if some would lie outside the inner shell. MEG uses the
-   same sphere (only its origin matters for MEG).
+   fiducials: the same similarity fit maps the template's fiducials onto the digitised ones.
+   MNE's standard montages carry fsaverage's fiducials, so this is an fsaverage MRI -> head
+   transform. With a BEM (fsaverage) the atlas' MNI152 positions go to fsaverage's MNI305 first
+   (FreeSurfer's affine); the sphere takes them as the template's (they differ by ~1.5 mm).
+3. **Head model** (``head_model``, :mod:`samba_pipeline.ephys.headmodel`): an fsaverage BEM
+   (MEG: single shell of the inner skull MNE ships; EEG: FreeSurfer's 3-layer solution when a
+   subjects dir has it), sources moved inside the inner skull where needed; or a 3-shell
+   sphere (brain 0.87, skull 0.92, scalp 1.0 of the radius; conductivities
+   0.33 / 0.0042 / 0.33 S/m, the classic 1:80 skull ratio) fitted to the head digitisation /
+   electrodes (``mne.make_sphere_model``), with the source points pulled towards the centre
+   (one isotropic factor) only if some would lie outside the inner shell (for MEG only the
+   sphere's origin matters).
 4. **Forward model** (``mne.make_forward_solution``, free orientation), then one **fixed
    orientation** per source: the direction whose dipole produces the most (whitened) power at
    the sensors (the first right singular vector of the source's 3 gain columns; "max-power",
@@ -165,8 +171,7 @@ def template_to_head(info: mne.Info, source: str | None = None) -> tuple[np.ndar
     eeg = mne.pick_types(info, meg=False, eeg=True, exclude=())
     report: dict[str, Any] = {"template_montage": TEMPLATE_MONTAGE}
     if len(eeg) == 0:
-        report["coregistration"] = "template fiducials (MEG head coordinates)"
-        return mni_to_template_head, report
+        return _fiducial_fit(info, template, mni_to_template_head, report, source)
     pos = _eeg_positions(info, eeg)
     valid = np.isfinite(pos).all(1) & (np.linalg.norm(pos, axis=1) > 0)
     tpl_pos = template.get_positions()["ch_pos"]
@@ -196,6 +201,38 @@ def template_to_head(info: mne.Info, source: str | None = None) -> tuple[np.ndar
             "for source space; use ephys_space='sensor'", path=source)
     report["coregistration"] = "template electrode positions (the recording has none)"
     return mni_to_template_head, report
+
+
+def _fiducial_fit(info: mne.Info, template, mni_to_template_head: np.ndarray, report: dict,
+                  source) -> tuple[np.ndarray, dict]:
+    """MEG: similarity fit of the template's fiducials (head coordinates) to the recording's
+    digitised ones (nasion, LPA, RPA), so the template follows the head's size; the template's
+    own head frame when the recording has no fiducials."""
+    from mne.io.constants import FIFF
+
+    cardinal = {FIFF.FIFFV_POINT_NASION: "nasion", FIFF.FIFFV_POINT_LPA: "lpa",
+                FIFF.FIFFV_POINT_RPA: "rpa"}
+    got = {cardinal[d["ident"]]: np.asarray(d["r"], dtype=float) for d in (info["dig"] or [])
+           if d["kind"] == FIFF.FIFFV_POINT_CARDINAL and d["ident"] in cardinal
+           and d["coord_frame"] == FIFF.FIFFV_COORD_HEAD}
+    if len(got) < 3:
+        report["coregistration"] = "template fiducials (MEG head coordinates; no digitised fiducials)"
+        return mni_to_template_head, report
+    tpl = template.get_positions()
+    tpl_head = mne.transforms.apply_trans(mni_to_template_head,
+                                          np.array([tpl[k] for k in ("nasion", "lpa", "rpa")]))
+    rec = np.array([got[k] for k in ("nasion", "lpa", "rpa")])
+    fit = similarity_transform(tpl_head, rec)
+    resid = np.linalg.norm(mne.transforms.apply_trans(fit, tpl_head) - rec, axis=1)
+    scale = float(np.cbrt(np.linalg.det(fit[:3, :3])))
+    report.update(coregistration="similarity fit of the template fiducials to the recording's",
+                  coregistration_rms_mm=float(np.sqrt((resid ** 2).mean()) * 1000),
+                  coregistration_scale=scale)
+    if not 0.7 < scale < 1.4:
+        raise SambaInputError(
+            f"the digitised fiducials do not fit a human head: the template has to be scaled by "
+            f"{scale:.2f} to match them (check the digitisation's units)", path=source)
+    return fit @ mni_to_template_head, report
 
 
 def _info_with_template_positions(info: mne.Info, source: str | None) -> mne.Info:
@@ -256,12 +293,14 @@ def make_head_model(info: mne.Info, pos_head: np.ndarray) -> tuple[mne.bem.Condu
     return sphere, r0 + (pos_head - r0) * scale, float(scale)
 
 
-def _forward(info, rr, nn, sphere, source) -> mne.Forward:
+def _forward(info, rr, nn, sphere, source, trans=None) -> mne.Forward:
+    """Free-orientation forward of the sources ``rr`` (MRI coordinates, m; with ``trans``
+    None, the sphere's head coordinates) for the conductor model ``sphere`` (or a BEM)."""
     src = mne.setup_volume_source_space(pos={"rr": rr, "nn": nn}, verbose="error")
     types = set(info.get_channel_types())
     try:
         with mne.utils.use_log_level("error"):
-            fwd = mne.make_forward_solution(info, trans=None, src=src, bem=sphere,
+            fwd = mne.make_forward_solution(info, trans=trans, src=src, bem=sphere,
                                             meg=bool({"mag", "grad"} & types), eeg="eeg" in types,
                                             mindist=0.0, n_jobs=1)
     except (RuntimeError, ValueError) as exc:
@@ -270,6 +309,64 @@ def _forward(info, rr, nn, sphere, source) -> mne.Forward:
         raise SambaInputError(f"the forward model dropped {len(rr) - fwd['nsource']} of {len(rr)} "
                               "source points", path=source)
     return fwd
+
+
+def _oriented(fwd: mne.Forward, nn: np.ndarray) -> mne.Forward:
+    """``fwd`` with its sources' orientations set to ``nn`` (head coordinates, as the forward
+    holds them): the fixed-orientation inverse then uses the gain along ``nn``."""
+    out = fwd.copy()
+    src = out["src"][0]
+    nn_all = np.array(src["nn"], dtype=float)
+    nn_all[src["vertno"]] = nn
+    src["nn"] = nn_all
+    return out
+
+
+def _bem_setup(choice, mri_head: np.ndarray, pos_mri: np.ndarray):
+    """BEM, head -> MRI transform, source points (MRI, m; inside the inner skull), inner-skull
+    centroid (MRI, m), template scale and report, for a BEM ``choice`` (see headmodel).
+
+    ``mri_head`` (fsaverage MRI -> head) is a similarity transform. A BEM made here (MEG's
+    single shell) is scaled with the template, so the transform stays rigid; a BEM read from a
+    file cannot be rescaled without a new BEM solution, so the template keeps fsaverage's size,
+    placed by the fit's rotation with the inner skull's centroid where the fit puts it (MNE
+    projects EEG electrodes onto the BEM scalp).
+    """
+    from samba_pipeline.ephys import headmodel as hm
+
+    scale = float(np.cbrt(np.linalg.det(mri_head[:3, :3])))
+    rigid = mri_head.copy()
+    rigid[:3, :3] /= scale
+    if choice.scalable:
+        bem = hm.meg_single_shell_bem(scale)
+        used_scale = round(scale, 3)
+        rigid[:3, :3] *= scale / used_scale  # the rounding of the cached scale stays exact
+        surf = hm.inner_skull(bem)
+        rr = pos_mri * used_scale
+        description = (f"single-shell BEM (fsaverage inner skull shipped with MNE, ico-{hm.MEG_BEM_ICO}, "
+                       f"{hm.MEG_BEM_CONDUCTIVITY[0]} S/m), scaled by {used_scale:.3f}")
+    else:
+        bem = choice.bem
+        used_scale = 1.0
+        surf = hm.inner_skull(bem)
+        centre = surf["rr"].mean(axis=0)
+        rigid[:3, 3] += (scale - 1.0) * rigid[:3, :3] @ centre
+        rr = pos_mri
+        description = (f"{len(bem['surfs'])}-layer BEM ({Path(choice.bem_file).name}), "
+                       "fsaverage size (not scaled)")
+    rr, moved = hm.push_inside(rr, surf["rr"], surf["tris"], MINDIST_M)
+    shift = np.linalg.norm(rr[moved] - (pos_mri * used_scale)[moved], axis=1)
+    head_mri_t = mne.transforms.Transform("head", "mri", np.linalg.inv(rigid))
+    report = {"type": "bem", "description": description, "template": "fsaverage",
+              "file": choice.bem_file or str(hm.INNER_SKULL_FILE),
+              "n_layers": len(bem["surfs"]),
+              "conductivities_S_per_m": [float(s["sigma"]) for s in bem["surfs"]],
+              "n_vertices": [int(s["np"]) for s in bem["surfs"]],
+              "template_scale": used_scale,
+              "source_coordinates": "MNI152 -> MNI305 (fsaverage MRI), FreeSurfer's affine",
+              "n_sources_moved_inside": int(moved.sum()),
+              "max_source_shift_mm": float(shift.max() * 1000) if shift.size else 0.0}
+    return bem, head_mri_t, rr, surf["rr"].mean(axis=0), used_scale, report
 
 
 def max_power_orientations(gain_free: np.ndarray, rr: np.ndarray, r0: np.ndarray) -> np.ndarray:
@@ -392,11 +489,16 @@ def parcel_operator(kernel: np.ndarray, parcel: np.ndarray, n_parcels: int, flip
 def build_source_operator(raw: mne.io.BaseRaw, atlas_img, labels: pd.DataFrame, *,
                           method: str = "eLORETA", extract: str = "mean_flip",
                           noise_cov="ad-hoc", snr: float = 3.0, depth: float | None = 0.8,
-                          spacing_mm: float = 8.0) -> tuple[np.ndarray, list[str], list[str], dict]:
+                          spacing_mm: float = 8.0, head_model: str = "auto",
+                          subjects_dir=None, bem_file=None,
+                          ) -> tuple[np.ndarray, list[str], list[str], dict]:
     """The (n_parcels, n_channels) operator from ``raw``'s good data channels to parcels.
 
+    ``head_model``, ``subjects_dir``, ``bem_file``: see :mod:`samba_pipeline.ephys.headmodel`.
     Returns ``(operator, parcel_names, channel_names, report)``.
     """
+    from samba_pipeline.ephys import headmodel as hm
+
     if method not in INVERSE_METHODS:
         raise SambaUsageError(f"inverse_method={method!r}; choose from {list(INVERSE_METHODS)}")
     if extract not in EXTRACT_MODES:
@@ -408,21 +510,37 @@ def build_source_operator(raw: mne.io.BaseRaw, atlas_img, labels: pd.DataFrame, 
     if len(info["ch_names"]) < 3:
         raise SambaInputError("fewer than 3 good EEG/MEG channels: no source space", path=source)
     pos_mm, parcel, names = atlas_source_points(atlas_img, labels, spacing_mm)
-    trans, coreg = template_to_head(info, source)
-    pos_head = mne.transforms.apply_trans(trans, pos_mm / 1000.0)
-    sphere, rr, scale = make_head_model(info, pos_head)
-    r0 = np.asarray(sphere["r0"], dtype=float)
+    trans, coreg = template_to_head(info, source)  # fsaverage MRI (m) -> head
+    has_eeg = "eeg" in info.get_channel_types()
+    choice = hm.choose_head_model(head_model, eeg=has_eeg, subjects_dir=subjects_dir,
+                                  bem_file=bem_file)
+    if choice.kind == "sphere":  # MNI positions taken as the template's (~1.5 mm apart)
+        sphere, rr, scale = make_head_model(info, mne.transforms.apply_trans(trans, pos_mm / 1000.0))
+        conductor, head_mri_t = sphere, None
+        r0 = np.asarray(sphere["r0"], dtype=float)
+        head_report = {"type": "sphere", "relative_radii": list(SPHERE_RELATIVE_RADII),
+                       "sigmas_S_per_m": list(SPHERE_SIGMAS), "r0_m": [float(x) for x in r0],
+                       "radius_m": float(sphere.radius)}
+        summary = "3-shell sphere fitted to the head digitisation"
+    else:
+        conductor, head_mri_t, rr, r0, scale, head_report = _bem_setup(
+            choice, trans, hm.mni152_to_fsaverage(pos_mm))
+        summary = head_report["description"]
+    head_report["reason"] = choice.reason
     radial = (rr - r0) / np.maximum(np.linalg.norm(rr - r0, axis=1, keepdims=True), 1e-9)
     timings["source_space"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     cov = make_noise_cov(raw, info, noise_cov, source)
-    fwd_free = _forward(info, rr, radial, sphere, source)
+    fwd_free = _forward(info, rr, radial, conductor, source, trans=head_mri_t)
+    r0_head = r0 if head_mri_t is None else mne.transforms.apply_trans(
+        mne.transforms.invert_transform(head_mri_t), r0)
     whitener, _ = mne.cov.compute_whitener(cov, info, verbose="error")
     proj = np.eye(len(info["ch_names"]))
     eeg = mne.pick_types(info, meg=False, eeg=True)
     proj[np.ix_(eeg, eeg)] -= 1.0 / max(len(eeg), 1)  # the average reference
-    nn = max_power_orientations(whitener @ proj @ fwd_free["sol"]["data"], rr, r0)
-    fwd = _forward(info, rr, nn, sphere, source)  # same gain, sources oriented along nn
+    nn = max_power_orientations(whitener @ proj @ fwd_free["sol"]["data"],
+                                fwd_free["source_rr"], r0_head)
+    fwd = _oriented(fwd_free, nn)  # same gain, sources oriented along nn
     timings["forward"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     kernel = inverse_kernel(info, fwd, cov, method, snr, depth)
@@ -439,11 +557,10 @@ def build_source_operator(raw: mne.io.BaseRaw, atlas_img, labels: pd.DataFrame, 
     counts = np.bincount(parcel, minlength=len(names))
     report = {
         "space": "source",
-        "template": "MNI152NLin2009cAsym (atlas) on the Colin27 template head",
-        "head_model": {"type": "sphere", "relative_radii": list(SPHERE_RELATIVE_RADII),
-                       "sigmas_S_per_m": list(SPHERE_SIGMAS),
-                       "r0_m": [float(x) for x in r0],
-                       "radius_m": float(sphere.radius)},
+        "template": ("MNI152NLin2009cAsym (atlas) on the Colin27 template head" if choice.kind == "sphere"
+                     else "MNI152NLin2009cAsym (atlas) on the fsaverage template head"),
+        "HeadModel": summary,
+        "head_model": head_report,
         **coreg,
         "source_scale": scale,
         "n_sources": int(len(rr)),

@@ -9,6 +9,7 @@ skips nodes whose inputs did not change).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ from nipype.interfaces.base import (
 )
 
 from samba_pipeline.bids.derivatives import read_tsv, write_json, write_tsv
+
+LOGGER = logging.getLogger("nipype.interface")
 
 
 class _PreprocessEphysInputSpec(BaseInterfaceInputSpec):
@@ -104,6 +107,11 @@ class PreprocessEphys(SimpleInterface):
         scores = pd.DataFrame(report.pop("channel_scores", None) or [])
         report.update(orig_sfreq=orig_sfreq, orig_duration=orig_duration,
                       source=str(self.inputs.ephys_file))
+        # Wall-clock step timings go to the node's folder and log, not into the derivatives'
+        # sidecars (which must be identical between a resumed and an uninterrupted run).
+        timings = _pop_timings(report)
+        write_json(Path(runtime.cwd) / "timings.json", timings)
+        LOGGER.info("EEG/MEG preprocessing step timings (s): %s", timings)
         self._results["report_json"] = str(write_json(Path(runtime.cwd) / "report.json", report))
 
         bads = _bad_reasons(report)
@@ -154,6 +162,18 @@ def _to_source_space(clean, settings, atlas_file, atlas_table, ephys_file):
         extract=settings.source_extract, noise_cov=settings.noise_cov, snr=settings.inverse_snr,
         depth=settings.depth, spacing_mm=settings.source_spacing, head_model=settings.head_model,
         subjects_dir=settings.subjects_dir, bem_file=settings.bem_file)
+
+
+def _pop_timings(report: dict, prefix: str = "") -> dict[str, float]:
+    """Remove every ``timings_s`` entry from ``report`` (nested), returning them flattened."""
+    out: dict[str, float] = {}
+    for key in list(report):
+        value = report[key]
+        if key == "timings_s" and isinstance(value, dict):
+            out.update({f"{prefix}{k}": v for k, v in report.pop(key).items()})
+        elif isinstance(value, dict):
+            out.update(_pop_timings(value, f"{prefix}{key}."))
+    return out
 
 
 def _bad_reasons(report: dict) -> dict[str, str]:
