@@ -179,9 +179,17 @@ def ephys_paragraph(settings, cite: _Citer) -> str:
         parts[-1] += "."
     if es.space == "source":
         method = es.inverse_method
+        head = {
+            "sphere": "a three-shell sphere model",
+            "bem": "an fsaverage boundary-element model (MEG: the single-shell inner skull; EEG: the "
+                   "three-layer BEM)",
+        }.get(getattr(es, "head_model", "auto"),
+              "an fsaverage boundary-element model where one was available (MEG: the single-shell "
+              "inner skull; EEG: the three-layer BEM of a FreeSurfer subjects folder), else a "
+              "three-shell sphere model (the model used is recorded as HeadModel in each sidecar)")
         parts.append(
             f"Parcel time courses were computed in source space: the EEG/MEG atlas' voxels (every "
-            f"{es.source_spacing:g} mm) on the Colin27 template head with a three-shell sphere model, "
+            f"{es.source_spacing:g} mm) on the Colin27 template head with {head}, "
             f"the {method} inverse {cite('eloreta') if method == 'eLORETA' else ''} (SNR {es.inverse_snr:g}, "
             f"depth weighting {es.depth}, noise covariance {es.noise_cov}), and {es.source_extract} "
             f"extraction per parcel of " + _atlas_sentence(settings.workflow.ephys_atlas, cite) + "."
