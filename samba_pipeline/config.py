@@ -230,6 +230,11 @@ class ModelSettings:
     mc_dropout: int = 0
     model_file: str | None = None
     model_config: dict[str, Any] = field(default_factory=dict)
+    #: Benchmark entries (``--benchmark``; "default" = every model, ablation and null): trained on
+    #: one split beside the models above (samba_pipeline.training.benchmark); empty = no benchmark.
+    benchmark: list[str] = field(default_factory=list)
+    #: Epoch cap of every benchmark entry (0: ``epochs``).
+    benchmark_epochs: int = 20
 
     def trained_models(self) -> list[str]:
         """The model plugins to train (``--model none``: none, the group level only summarises)."""

@@ -5,7 +5,8 @@ Usage::
     samba-bids-demo OUTDIR [--subjects N] [--minutes M] [--seed S] [--resolution-mm R]
                     [--eeg-channels C] [--eeg-sfreq F] [--tr T] [--coarse-parcels K]
                     [--fine-parcels L] [--truth-dir DIR] [--eeg-only LABEL ...]
-                    [--mr-artifacts | --non-simultaneous [--meg]] [--overwrite] [-v]
+                    [--mr-artifacts | --non-simultaneous [--meg]] [--conditions N]
+                    [--overwrite] [-v]
 
 The BIDS dataset goes to OUTDIR, the ground truth to OUTDIR_groundtruth (or --truth-dir).
 Exit codes: 0 success, 2 bad command line (argparse), 64 settings out of range, 73 OUTDIR (or the
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meg", action="store_true",
                    help="MEG (FIF via mne-bids: 102 magnetometers + 204 planar gradiometers, "
                    "sphere-model lead field) instead of EEG; implies --non-simultaneous")
+    p.add_argument("--conditions", type=nonneg_int, default=0, metavar="N",
+                   help="simultaneous runs with N stimulus conditions: 20 s blocks of cond1..condN "
+                   "(each raising one network's band power) between rest blocks, written as the "
+                   "BOLD run's events.tsv (for the benchmark's stimulus classification)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing demo dataset in OUTDIR (and its truth directory)")
     p.add_argument("-v", "--verbose", action="count", default=0,
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             mr_artifacts=args.mr_artifacts,
             non_simultaneous=args.non_simultaneous or args.meg,
             meg=args.meg,
+            conditions=args.conditions,
         )
         if args.eeg_only:
             from samba_pipeline.simulate.withhold import withhold_fmri

@@ -21,6 +21,12 @@ def run_group(settings: Settings) -> None:
     ms = settings.model
     for name in ms.trained_models():  # unknown plugins fail now, not inside a node
         get_model_class(name)
+    if ms.benchmark:  # unknown benchmark entries too
+        from samba_pipeline.training.benchmark import expand_entries, parse_entry
+
+        for name in expand_entries(ms.benchmark):
+            for direction in ms.directions():
+                parse_entry(name, direction)
     fmri_filter = _fmri_atlas_filter(dict(settings.workflow.fmri_atlas.entities()))
     runs = load_runs(settings.output_dir, fmri_atlas=fmri_filter)  # clear errors before any node runs
     device = resolve_device(ms.device)

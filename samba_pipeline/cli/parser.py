@@ -80,6 +80,13 @@ def _model_names(value: str) -> list[str]:
     return names
 
 
+def _benchmark_entries(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names or not all(re.fullmatch(r"[A-Za-z0-9_.:-]+", n) for n in names):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of benchmark entries")
+    return names
+
+
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """The argument parser; with ``suppress_defaults`` only options given explicitly appear."""
     default = argparse.SUPPRESS if suppress_defaults else None
@@ -268,6 +275,16 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--mc-dropout", dest="mc_dropout", type=nonneg_int, default=d(0), metavar="N",
                    help="Monte-Carlo dropout samples per prediction; writes a per-parcel standard "
                    "deviation beside each prediction (0: off)")
+    g.add_argument("--benchmark", dest="benchmark", type=_benchmark_entries, default=d(None),
+                   metavar="ENTRY[,ENTRY]",
+                   help="group level: also train every entry on one split and write the benchmark "
+                   "table group/desc-benchmark_metrics.{tsv,md,svg}; entries are model plugins "
+                   "(samba, mlp, cnn, lstm, transformer, ridge, calhas), SAMBA ablations "
+                   "(samba:no_wavelet_attention, samba:no_lstm, samba:fixed_hrf, samba:transformer, "
+                   "samba:mse, samba:no_pinv_hrf, samba:no_skip_loss), shuffled-EEG nulls "
+                   "(shuffled:<entry>), or 'default' for all of them")
+    g.add_argument("--benchmark-epochs", dest="benchmark_epochs", type=nonneg_int, default=d(20),
+                   metavar="N", help="epoch cap of every benchmark entry (0: --epochs)")
     g.add_argument("--model-file", dest="model_file", type=_existing_file, default=d(None),
                    metavar="PATH", help="participant level: apply this trained model (its .json "
                    "card or .safetensors weights); subjects with only EEG/MEG (or only fMRI) get "
@@ -528,6 +545,9 @@ def settings_from_args(args: argparse.Namespace, ephys_table: dict | None = None
         lr=float(args.lr), patience=int(args.patience), device=args.device,
         n_gpu_procs=int(args.n_gpu_procs), train_nproc=int(args.train_nproc), mc_dropout=int(args.mc_dropout),
         train_launcher=args.train_launcher or None,
+        benchmark=(list(args.benchmark) if not isinstance(args.benchmark, str)
+                   else _benchmark_entries(args.benchmark)) if args.benchmark else [],
+        benchmark_epochs=int(args.benchmark_epochs),
         model_file=str(Path(args.model_file).absolute()) if args.model_file else None,
         model_config={k: _coerce(v) for k, v in
                       _parse_key_values(args.model_setting, "--model-setting").items()},
@@ -635,6 +655,9 @@ def settings_to_cli_toml(settings: Settings) -> dict[str, Any]:
         table["model_file"] = md.model_file
     if md.train_launcher:
         table["train_launcher"] = md.train_launcher
+    if md.benchmark:
+        table["benchmark"] = ",".join(md.benchmark)
+        table["benchmark_epochs"] = md.benchmark_epochs
     if md.model_config:
         table["model_setting"] = [f"{k}={json.dumps(v)}" for k, v in md.model_config.items()]
     if ex.templateflow_home:

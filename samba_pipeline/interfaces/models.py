@@ -193,6 +193,42 @@ class EphysSeries(SimpleInterface):
         return runtime
 
 
+class _BenchmarkInputSpec(BaseInterfaceInputSpec):
+    output_dir = traits.Str(mandatory=True, desc="derivatives folder with participant-level results")
+    bids_dir = traits.Str("", usedefault=True,
+                          desc="raw dataset (func events.tsv for stimulus classification)")
+    entries = traits.List(traits.Str, mandatory=True, desc="benchmark entries (see training.benchmark)")
+    directions = traits.List(traits.Str, mandatory=True)
+    settings = traits.Dict(desc="ModelSettings fields")
+    seed = traits.Int(0, usedefault=True)
+    fmri_atlas = traits.Dict(desc="atlas/seg/scale of the fMRI parcels to train on")
+    inputs_digest = traits.Str(mandatory=True, desc="digest of the participant files read (for caching)")
+    use_gpu = traits.Bool(False, usedefault=True, desc="GPU node for Nipype's MultiProc scheduler")
+
+
+class _BenchmarkOutputSpec(TraitedSpec):
+    stage_dir = traits.Directory(exists=True, desc="staged group/desc-benchmark_metrics.*")
+
+
+class Benchmark(SimpleInterface):
+    """Train every benchmark entry on one split; stage the Table-I-style benchmark tables."""
+
+    input_spec = _BenchmarkInputSpec
+    output_spec = _BenchmarkOutputSpec
+
+    def _run_interface(self, runtime):
+        from samba_pipeline.training.benchmark import run_benchmark
+        from samba_pipeline.training.pipeline import clear_stage
+
+        stage = clear_stage(Path(runtime.cwd) / "stage")
+        run_benchmark(self.inputs.output_dir, stage, entries=list(self.inputs.entries),
+                      directions=list(self.inputs.directions), settings=dict(self.inputs.settings),
+                      seed=self.inputs.seed, fmri_atlas=dict(self.inputs.fmri_atlas or {}),
+                      bids_dir=self.inputs.bids_dir or None)
+        self._results["stage_dir"] = str(stage)
+        return runtime
+
+
 class _PublishInputSpec(BaseInterfaceInputSpec):
     stage_dir = traits.Directory(exists=True, mandatory=True)
     output_dir = traits.Str(mandatory=True)
@@ -216,4 +252,4 @@ class PublishStage(SimpleInterface):
         return runtime
 
 
-__all__ = ["ApplyModel", "EphysSeries", "PredictRun", "PublishStage", "TrainModel"]
+__all__ = ["ApplyModel", "Benchmark", "EphysSeries", "PredictRun", "PublishStage", "TrainModel"]

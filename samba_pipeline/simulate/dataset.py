@@ -56,7 +56,7 @@ ECG_CHANNEL = "ECG"
 MEAS_DATE = dt.datetime(2024, 1, 1, 9, 0, 0, tzinfo=dt.UTC)
 #: Random stream ids (the third entry of the seed sequence).
 _STREAM = {"timing": 1, "neural": 2, "head": 3, "sensor": 4, "hrf": 5, "motion": 6, "voxels": 7,
-           "participant": 8, "neural_mri": 9, "stimulus": 10, "mr": 11}
+           "participant": 8, "neural_mri": 9, "stimulus": 10, "mr": 11, "conditions": 12}
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,9 @@ class DemoSettings:
     non_simultaneous: bool = False
     #: MEG (FIF, 102 magnetometers + 204 planar gradiometers) instead of EEG; non-simultaneous
     meg: bool = False
+    #: Stimulus conditions (simultaneous runs): blocks of cond1..condN that raise the band power
+    #: of one network each, written as func events.tsv (simulate.conditions); 0 = rest only
+    conditions: int = 0
 
     @property
     def n_volumes(self) -> int:
@@ -99,6 +102,11 @@ class DemoSettings:
         if self.meg and not self.non_simultaneous:
             raise SambaUsageError("MEG cannot be recorded inside an MR scanner: the MEG demo is "
                                   "non-simultaneous (--non-simultaneous)")
+        if self.conditions and self.non_simultaneous:
+            raise SambaUsageError("--conditions applies to simultaneous EEG-fMRI runs; it cannot be "
+                                  "combined with --non-simultaneous or --meg")
+        if self.conditions < 0:
+            raise SambaUsageError("--conditions must be >= 0")
         if self.mr_artifacts and self.non_simultaneous:
             raise SambaUsageError("--mr-artifacts belongs to simultaneous EEG-fMRI; it cannot be "
                                   "combined with --non-simultaneous or --meg")
@@ -411,7 +419,15 @@ def simulate_subject(
 
     # --- neural sources and EEG -------------------------------------------------------------
     networks = list(atlas.coarse_table["network"])
-    neural = simulate_neural(_rng(seed, index, "neural"), networks, n_samples, sfreq)
+    blocks = offset_fn = None
+    if settings.conditions:
+        from samba_pipeline.simulate import conditions as cond_mod
+
+        blocks = cond_mod.make_blocks(_rng(seed, index, "conditions"), settings.conditions, n_vol * tr)
+        offset_fn = lambda t: cond_mod.condition_log_power(  # noqa: E731
+            blocks, networks, t, offset_s, len(BANDS))
+    neural = simulate_neural(_rng(seed, index, "neural"), networks, n_samples, sfreq,
+                             log_power_offset=offset_fn)
     brain = head.gain @ neural.sources
     scale = eeg_mod.TARGET_BRAIN_UV * 1e-6 / float(np.median(brain.std(axis=1)))
     brain *= scale
@@ -446,6 +462,8 @@ def simulate_subject(
     stem = f"sub-{sub}_task-{TASK}"
     fdir, prep = write_bold(bids_root, f"sub-{sub}", stem, hemo, atlas, tr, TASK,
                             "Simulated eyes-open rest during simultaneous EEG-fMRI.")
+    if blocks is not None:  # onsets from the first volume (BIDS func events)
+        _write_tsv(bids_root / f"sub-{sub}" / "func" / f"{stem}_events.tsv", pd.DataFrame(blocks))
 
     # scans.tsv: add the BOLD run, acquired offset_s after the EEG started
     scans = bids_root / f"sub-{sub}" / f"sub-{sub}_scans.tsv"
@@ -672,6 +690,7 @@ def generate_demo_dataset(
     mr_artifacts: bool = False,
     non_simultaneous: bool = False,
     meg: bool = False,
+    conditions: int = 0,
 ) -> tuple[Path, Path]:
     """Write the demo dataset to ``outdir`` and its ground truth beside it.
 
@@ -686,6 +705,7 @@ def generate_demo_dataset(
         eeg_sfreq=float(eeg_sfreq), tr=float(tr), coarse_parcels=int(coarse_parcels),
         fine_parcels=int(fine_parcels), non_steady_state_volumes=int(non_steady_state_volumes),
         mr_artifacts=bool(mr_artifacts), non_simultaneous=bool(non_simultaneous), meg=bool(meg),
+        conditions=int(conditions),
     )
     settings.check()
     ch_names = eeg_mod.choose_channels(settings.eeg_channels)

@@ -156,6 +156,7 @@ def simulate_neural(
     *,
     stimulus=None,
     with_sources: bool = True,
+    log_power_offset=None,
 ) -> NeuralSimulation:
     """Simulate the coarse-parcel sources (see module doc); ``networks`` names each parcel's network.
 
@@ -189,6 +190,8 @@ def simulate_neural(
                                             np.clip(stim_t, 0.0, stim.times[-1]))
         mixed = np.sqrt(stim.share) * locked + np.sqrt(1.0 - stim.share) * log_power
         log_power = np.where(playing[None, None, :], mixed, log_power)
+    if log_power_offset is not None:  # stimulus conditions (simulate.conditions): f(env_times)
+        log_power = log_power + log_power_offset(env_times)
 
     # mean band power relative to the background's in-band power
     freqs = np.fft.rfftfreq(n_samples, 1.0 / sfreq)

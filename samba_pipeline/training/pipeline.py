@@ -77,7 +77,7 @@ from samba_pipeline.training.splits import (
     split_by_time_and_subject,
     withheld_sets,
 )
-from samba_pipeline.training.trainer import TrainSettings, seed_everything, train
+from samba_pipeline.training.trainer import TrainSettings, seed_everything
 
 LOGGER = logging.getLogger("samba_pipeline.training")
 
@@ -262,7 +262,10 @@ def train_group_model(output_dir, stage_dir, *, model: str = "samba", direction:
                                    workdir=jobs / f"ddp_{_label(model)}_{direction}", plugin=model,
                                    launcher=ms.train_launcher)
     else:
-        result = train(net, datasets["train"], datasets["val"], tsettings)
+        from samba_pipeline.training.benchmark import fit_model
+
+        # closed-form plugins (ridge) are fitted by their fit_closed_form hook, not by gradients
+        result = fit_model(net, datasets["train"], datasets["val"], tsettings)
     net = result.model
     device = result.device
 

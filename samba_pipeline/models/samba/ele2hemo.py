@@ -146,6 +146,11 @@ class SambaEphys2Fmri(TranslationModel):
             "use_lstm": True,
             "use_source_gat": True,
             "use_target_gat": True,
+            # Ablations (benchmark): "transformer" replaces the LSTM decoder by a Transformer
+            # encoder over time steps (shared by all target parcels); "mse" replaces the cosine loss.
+            # A fixed canonical HRF is ``learn_hrf = False``.
+            "decoder": "lstm",
+            "loss": "cosine",
         }
 
     def __init__(self, config: dict[str, Any], dims: DataDims):
@@ -161,6 +166,8 @@ class SambaEphys2Fmri(TranslationModel):
             raise ValueError("hrf_kernel_s and envelope_rate must be positive")
         if not 0 <= float(cfg["dropout"]) < 1:
             raise ValueError("dropout must be in [0, 1)")
+        if cfg["decoder"] not in ("lstm", "transformer") or cfg["loss"] not in ("cosine", "mse"):
+            raise ValueError("decoder must be 'lstm' or 'transformer' and loss 'cosine' or 'mse'")
         H = int(cfg["hidden_size"])
         ns, nt = int(dims.n_source), int(dims.n_target)
         self.n_source, self.n_target = ns, nt
@@ -208,7 +215,14 @@ class SambaEphys2Fmri(TranslationModel):
             layer.checkpoint_bytes = self._checkpoint_bytes
 
         # --- decoder ----------------------------------------------------------------------
-        if cfg["use_lstm"]:
+        self.transformer = None
+        if cfg["use_lstm"] and cfg["decoder"] == "transformer":
+            layer = nn.TransformerEncoderLayer(H, int(cfg["heads"]), dim_feedforward=2 * H,
+                                               dropout=float(cfg["dropout"]), batch_first=True)
+            self.transformer = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.lstm = None
+            self.readout = nn.Linear(H, 1)
+        elif cfg["use_lstm"]:
             Hl = int(cfg["lstm_hidden"])
             self.lstm = nn.LSTM(H + 1, Hl, batch_first=True)
             self.readout = nn.Linear(Hl, 1)
@@ -309,6 +323,11 @@ class SambaEphys2Fmri(TranslationModel):
     def decode(self, h: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         """``h [B, Nt, T, H]`` -> ``[B, Nt, T]``; ``target`` given -> teacher forcing."""
         B, N, T, H = h.shape
+        if self.transformer is not None:
+            from samba_pipeline.models.baselines import sinusoidal_positions
+
+            seq = h.reshape(B * N, T, H) + sinusoidal_positions(T, H, h.device).to(h.dtype)
+            return self.readout(self.transformer(seq)).view(B, N, T)
         if self.lstm is None:
             return self.readout(h).squeeze(-1)
         if target is not None:
@@ -343,7 +362,21 @@ class SambaEphys2Fmri(TranslationModel):
         target = batch.target
         if batch.target_mask is not None:
             target = torch.nan_to_num(target)
+        if self.config["loss"] == "mse":
+            err = (prediction - target).square()
+            if batch.target_mask is None:
+                return err.mean()
+            m = batch.target_mask.to(err.dtype)[..., None].expand_as(err)
+            return (err * m).sum() / m.sum().clamp_min(1.0)
         return cosine_loss(prediction, target, batch.target_mask)
+
+    def latent(self, batch: Batch) -> torch.Tensor:
+        """Target-parcel node features of :meth:`encode` per fMRI time step, ``[B, T, Nt * H]``
+        (what the benchmark's stimulus classification reads)."""
+        x = batch.source
+        T, E = self._lengths(x.shape[-1], batch)
+        h = self.encode(x, T, E)  # [B, Nt, T, H]
+        return h.permute(0, 2, 1, 3).reshape(x.shape[0], T, -1)
 
     # ------------------------------------------------------------------------------------
     def interpretation(self) -> dict[str, Any]:

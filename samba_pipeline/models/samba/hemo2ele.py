@@ -197,6 +197,8 @@ class SambaFmri2Ephys(TranslationModel):
             "use_lstm": True,
             "use_source_gat": True,
             "use_target_gat": True,
+            # Ablation (benchmark): False skips the pseudo-inverse HRF (identity instead).
+            "use_pinv_hrf": True,
         }
 
     def __init__(self, config: dict[str, Any], dims: DataDims):
@@ -380,7 +382,10 @@ class SambaFmri2Ephys(TranslationModel):
         return self.dwt.inverse(coeffs)[..., :n_mid]
 
     def pseudo_inverse_hrf(self, z: torch.Tensor) -> torch.Tensor:
-        """Per-node transposed convolution ``[B, Ne, Lr] -> [B, Ne, Lr]`` (centred kernel)."""
+        """Per-node transposed convolution ``[B, Ne, Lr] -> [B, Ne, Lr]`` (centred kernel);
+        the identity with ``use_pinv_hrf = False``."""
+        if not self.config["use_pinv_hrf"]:
+            return z
         K = self.pinv_kernel.shape[-1]
         c = (K - 1) // 2
         full = F.conv_transpose1d(z, self.pinv_kernel.to(z.dtype), groups=self.n_target)
