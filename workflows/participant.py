@@ -78,16 +78,9 @@ def init_single_subject_wf(settings, subject, pairs, atlases, inputs, card=None)
     return wf
 
 
-def init_run_wf(settings: Settings, pair: RunPair, atlases: dict, facts: dict) -> pe.Workflow:
-    """Preprocess, parcellate, align and graph one EEG/MEG-fMRI pair, and write its derivatives."""
+def init_ephys_node(settings: Settings, pair: RunPair, atlases: dict, facts: dict) -> tuple[pe.Node, bool]:
+    """The EEG/MEG preprocessing node of a run, and whether it writes source-space parcels."""
     wset = settings.workflow
-    out = str(settings.output_dir)
-    wf = pe.Workflow(name=_node_name(pair.name.replace(f"sub-{pair.subject}_", "")) + "_wf")
-    ents = pair.entities
-    # The EEG/MEG atlas is written with the region map; the series stay in sensor space for now.
-    fmri_atlas = atlases["fmri"]
-    datatype = pair.ephys_datatype or "eeg"
-
     ephys = pe.Node(PreprocessEphys(ephys_file=pair.ephys_file, settings=dict(wset.ephys),
                                     volume_trigger=list(wset.volume_trigger)),
                     name="preprocess_ephys", mem_gb=facts["ephys_mem_gb"])
@@ -97,6 +90,13 @@ def init_run_wf(settings: Settings, pair: RunPair, atlases: dict, facts: dict) -
     if source_space:
         ephys.inputs.atlas_file = str(ephys_atlas.image)
         ephys.inputs.atlas_table = str(ephys_atlas.table)
+    return ephys, source_space
+
+
+def init_parcellate_node(settings: Settings, pair: RunPair, atlases: dict, facts: dict) -> pe.Node:
+    """The BOLD confound-regression and parcellation node of a run."""
+    wset = settings.workflow
+    fmri_atlas = atlases["fmri"]
     parcellate = pe.Node(
         ParcellateBold(bold_file=pair.bold_file, atlas_file=str(fmri_atlas.image),
                        atlas_table=str(fmri_atlas.table), repetition_time=facts["tr"],
@@ -108,6 +108,22 @@ def init_run_wf(settings: Settings, pair: RunPair, atlases: dict, facts: dict) -
         parcellate.inputs.mask_file = pair.mask_file
     if pair.confounds_file:
         parcellate.inputs.confounds_file = pair.confounds_file
+    return parcellate
+
+
+def init_run_wf(settings: Settings, pair: RunPair, atlases: dict, facts: dict) -> pe.Workflow:
+    """Preprocess, parcellate, align and graph one EEG/MEG-fMRI pair, and write its derivatives."""
+    wset = settings.workflow
+    out = str(settings.output_dir)
+    wf = pe.Workflow(name=_node_name(pair.name.replace(f"sub-{pair.subject}_", "")) + "_wf")
+    ents = pair.entities
+    # The EEG/MEG atlas is written with the region map; the series stay in sensor space for now.
+    fmri_atlas = atlases["fmri"]
+    datatype = pair.ephys_datatype or "eeg"
+
+    ephys, source_space = init_ephys_node(settings, pair, atlases, facts)
+    ephys_atlas = atlases.get("ephys")
+    parcellate = init_parcellate_node(settings, pair, atlases, facts)
 
     align = pe.Node(AlignRuns(n_volumes=facts["n_volumes"], repetition_time=facts["tr"],
                               volume_trigger=list(wset.volume_trigger), ephys_file=pair.ephys_file,

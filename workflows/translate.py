@@ -17,13 +17,15 @@ from nipype.pipeline import engine as pe
 from samba_pipeline.bids.layout import RunPair
 from samba_pipeline.config import Settings
 from samba_pipeline.interfaces.models import EphysSeries, PredictRun, PublishStage
-from samba_pipeline.interfaces.participant import (
-    DerivativesSink,
-    MakeSidecar,
-    ParcellateBold,
-    PreprocessEphys,
+from samba_pipeline.interfaces.participant import DerivativesSink, MakeSidecar
+from samba_pipeline.workflows.participant import (
+    _atlas_ents,
+    _atlas_rel,
+    _node_name,
+    _uri,
+    init_ephys_node,
+    init_parcellate_node,
 )
-from samba_pipeline.workflows.participant import _atlas_ents, _atlas_rel, _node_name, _uri
 
 
 def _use_gpu(settings: Settings) -> bool:
@@ -77,13 +79,7 @@ def init_single_modality_wf(settings: Settings, pair: RunPair, atlases: dict, fa
     if direction == "ephys2fmri":
         if not pair.ephys_file:
             raise ValueError(f"{pair.name}: an EEG/MEG -> fMRI model needs the EEG/MEG recording")
-        ephys = pe.Node(PreprocessEphys(ephys_file=pair.ephys_file, settings=dict(wset.ephys)),
-                        name="preprocess_ephys", mem_gb=facts["ephys_mem_gb"])
-        ephys_atlas = atlases.get("ephys")
-        source_space = dict(wset.ephys).get("space", "sensor") == "source" and ephys_atlas is not None
-        if source_space and "atlas_file" in ephys.inputs.copyable_trait_names():
-            ephys.inputs.atlas_file = str(ephys_atlas.image)
-            ephys.inputs.atlas_table = str(ephys_atlas.table)
+        ephys, source_space = init_ephys_node(settings, pair, atlases, facts)
         series = pe.Node(EphysSeries(repetition_time=float(card["Metadata"]["RepetitionTime"]),
                                      volume_trigger=list(wset.volume_trigger)),
                          name="ephys_series", mem_gb=facts["ephys_mem_gb"])
@@ -114,17 +110,7 @@ def init_single_modality_wf(settings: Settings, pair: RunPair, atlases: dict, fa
     if not pair.bold_file:
         raise ValueError(f"{pair.name}: an fMRI -> EEG/MEG model needs the fMRI run")
     fmri_atlas = atlases["fmri"]
-    parcellate = pe.Node(
-        ParcellateBold(bold_file=pair.bold_file, atlas_file=str(fmri_atlas.image),
-                       atlas_table=str(fmri_atlas.table), repetition_time=facts["tr"],
-                       strategy=wset.nuisance_regressors if pair.confounds_file else "none",
-                       high_pass=wset.high_pass, low_pass=wset.low_pass,
-                       fd_threshold=wset.fd_threshold, min_coverage=wset.min_coverage),
-        name="parcellate_bold", mem_gb=facts["bold_mem_gb"])
-    if pair.mask_file:
-        parcellate.inputs.mask_file = pair.mask_file
-    if pair.confounds_file:
-        parcellate.inputs.confounds_file = pair.confounds_file
+    parcellate = init_parcellate_node(settings, pair, atlases, facts)
     predict.inputs.alignment_note = "first volume of the BOLD series"
     fmri_ents = dict(pair.entities, datatype="func", space=wset.fmri_space, **_atlas_ents(fmri_atlas))
     ds_fmri = pe.Node(DerivativesSink(
